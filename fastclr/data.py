@@ -1,0 +1,245 @@
+"""Datasets as whole uint8 tensors, and the two ways of feeding view pairs to the training step.
+
+* :func:`load_dataset` reads MNIST / Fashion-MNIST through torchvision's dataset classes (downloading
+  when the files are missing and the internet is there) and returns ``(N, 1, 28, 28)`` uint8 images and
+  ``(N,)`` int64 labels. Files are checked (IDX header and size) before use, so a truncated copy fails
+  with one clear message instead of a reshape error deep inside torchvision.
+* :class:`DevicePairs` (the default): the whole uint8 dataset moved to the device once, an epoch as a
+  random permutation, batches sliced and augmented on the device. No DataLoader, no worker processes,
+  no PIL: on MNIST the per-batch cost is one gather and two batched warps.
+* :class:`TorchvisionPairs` (``--loader torchvision``): the classic path, a DataLoader over per-sample
+  torchvision.transforms.v2 with worker processes, kept for comparison.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .backend import FastclrError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str          # torchvision's folder under the data root
+    tv_class: str        # torchvision.datasets class name
+    classes: tuple[str, ...]
+
+
+DATASETS = {
+    "mnist": DatasetInfo("MNIST", "MNIST", tuple(str(d) for d in range(10))),
+    "fashion-mnist": DatasetInfo("FashionMNIST", "FashionMNIST", (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
+}
+
+# (file stem, IDX magic, expected shape)
+_FILES = {
+    True: (("train-images-idx3-ubyte", 2051, (60000, 28, 28)), ("train-labels-idx1-ubyte", 2049, (60000,))),
+    False: (("t10k-images-idx3-ubyte", 2051, (10000, 28, 28)), ("t10k-labels-idx1-ubyte", 2049, (10000,))),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise FastclrError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """--data-dir, else $FASTCLR_DATA, else ./data."""
+    return Path(data_dir or os.environ.get("FASTCLR_DATA") or "data").expanduser()
+
+
+def check_idx_file(path: Path, magic: int, shape: tuple[int, ...]) -> None:
+    """Raise FastclrError unless ``path`` is a complete IDX file of the expected magic and shape."""
+    fix = "delete it and run again with internet access, or point --data-dir at a good copy"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(4 + 4 * len(shape))
+    except OSError as exc:
+        raise FastclrError(f"cannot read {path}: {exc.strerror}") from None
+    if len(header) < 4 + 4 * len(shape):
+        raise FastclrError(f"{path} is truncated ({size} bytes, no complete header); {fix}")
+    got_magic, *dims = struct.unpack(f">{1 + len(shape)}I", header)
+    if got_magic != magic or tuple(dims) != shape:
+        raise FastclrError(f"{path} is not the expected IDX file (magic {got_magic}, dims {dims}; "
+                           f"expected {magic}, {list(shape)}); {fix}")
+    expected = len(header) + int(np.prod(shape))
+    if size != expected:
+        raise FastclrError(f"{path} is truncated or padded ({size} bytes, expected {expected}); {fix}")
+
+
+def _raw_dir(root: Path, info: DatasetInfo) -> Path:
+    return root / info.folder / "raw"
+
+
+def _files_present(raw: Path, train: bool) -> bool:
+    return all((raw / stem).is_file() for stem, _, _ in _FILES[train])
+
+
+def _unpack_debian_fashion_mnist(root: Path) -> Path:
+    """Decompress the Debian package's .gz files into torchvision's layout; returns the root used.
+
+    The root itself when writable, else a cache folder (~/.cache/fastclr/data)."""
+    for target_root in (root, Path.home() / ".cache" / "fastclr" / "data"):
+        raw = _raw_dir(target_root, DATASETS["fashion-mnist"])
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+            for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+                out = raw / gz.name[:-3]
+                if not out.exists():
+                    tmp = out.with_suffix(".tmp")
+                    with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    tmp.replace(out)
+            return target_root
+        except OSError:
+            continue
+    return root
+
+
+def _download(info: DatasetInfo, root: Path, train: bool):
+    import torchvision.datasets as tvd
+
+    raw = _raw_dir(root, info)
+    try:
+        return getattr(tvd, info.tv_class)(root=str(root), train=train, download=True)
+    except Exception as exc:  # URLError, RuntimeError("Error downloading ..."), PermissionError, ...
+        names = ", ".join(stem for stem, _, _ in _FILES[True] + _FILES[False])
+        raise FastclrError(
+            f"{info.folder} is not at {raw} and could not be downloaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Put the four files ({names}) "
+            f"there, or pass --data-dir / set FASTCLR_DATA to a folder holding {info.folder}/raw/") from None
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, train: bool = True) -> tuple[Tensor, Tensor]:
+    """Load a split as whole tensors.
+
+    Returns:
+        images: (N, 1, 28, 28) uint8, labels: (N,) int64.
+    """
+    info = dataset_info(name)
+    root = resolve_data_dir(data_dir)
+    if name == "fashion-mnist" and not _files_present(_raw_dir(root, info), train) \
+            and DEBIAN_FASHION_MNIST.is_dir():
+        root = _unpack_debian_fashion_mnist(root)
+    raw = _raw_dir(root, info)
+    if _files_present(raw, train):
+        for stem, magic, shape in _FILES[train]:
+            check_idx_file(raw / stem, magic, shape)
+        import torchvision.datasets as tvd
+        ds = getattr(tvd, info.tv_class)(root=str(root), train=train, download=False)
+    else:
+        ds = _download(info, root, train)
+        for stem, magic, shape in _FILES[train]:
+            check_idx_file(raw / stem, magic, shape)
+    images = ds.data.unsqueeze(1).contiguous()                 # (N, 28, 28) -> (N, 1, 28, 28)
+    return images, ds.targets.long()
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 (B, 1, H, W) -> float32 in [0, 1]."""
+    return images.float().div_(255)
+
+
+# --------------------------------------------------------------------------- view-pair sources
+
+class DevicePairs:
+    """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
+
+    Args:
+        images: (N, 1, H, W) uint8 on any device.
+        augment: a module mapping a float (B, 1, H, W) batch to an augmented one (e.g. SimCLRAugment).
+        rank, world_size: this process's shard of every epoch's permutation (DDP); drop-last.
+    """
+
+    def __init__(self, images: Tensor, batch_size: int, device: torch.device, augment, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        # uint8 on the device: 4x smaller than float and the conversion fuses with the gather
+        self.images = images.to(device, non_blocking=True)
+        self.batch_size, self.device, self.augment = batch_size, device, augment
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.images) // (self.batch_size * self.world_size)
+
+    def epoch_indices(self) -> Tensor:
+        """A fresh permutation, this rank's shard of it, trimmed to whole batches: (len * batch_size,)."""
+        perm = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        shard = perm[self.rank::self.world_size]
+        return shard[: len(self) * self.batch_size]
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0):
+        """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
+        for idx in self.epoch_indices().split(self.batch_size)[start_batch:]:
+            x = to_float(self.images[idx])                   # gather + convert on the device
+            yield self.augment(x), self.augment(x)
+
+
+class _TwoViewDataset(torch.utils.data.Dataset):
+    def __init__(self, images: Tensor, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]                                   # (1, H, W) uint8
+        return self.transform(x), self.transform(x)
+
+
+def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1)):
+    """Per-sample CPU transforms matching SimCLRAugment's defaults (torchvision.transforms.v2)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
+        v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+class TorchvisionPairs:
+    """The DataLoader path: per-sample CPU augmentation in ``workers`` processes, pinned host memory and
+    non-blocking copies to the device."""
+
+    def __init__(self, images: Tensor, batch_size: int, device: torch.device, workers: int = 2, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, transform=None):
+        dataset = _TwoViewDataset(images.cpu(), transform or torchvision_transform())
+        sampler = None
+        if world_size > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.device = device
+        self.sampler = sampler
+        self.epoch = 0
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for v1, v2 in self.loader:
+            yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)

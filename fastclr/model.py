@@ -1,0 +1,127 @@
+"""Encoders (a small registry), the SimCLR projection head, and checkpoint loading.
+
+Evaluation uses the encoder output ``h``, not the head output ``z``: SimCLR (section 4.2) shows the
+representation before the projection head is markedly better for downstream tasks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .backend import FastclrError
+
+CHECKPOINT_FORMAT = 1
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+def _tutorial_body(embed_dim: int) -> tuple[nn.Module, int]:
+    """The tutorial's network, unchanged: 2 convs (16, 32), a linear layer and a ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, embed_dim), nn.ReLU(),
+    ), embed_dim
+
+
+def _cnn_body(width: int, embed_dim: int) -> tuple[nn.Module, int]:
+    """3 conv-BN-ReLU stages (width, 2w, 4w) at 28, 14 and 7 pixels, then a linear layer to embed_dim.
+    BatchNorm lets SimCLR train at a high learning rate; the 7x7 map is flattened, not pooled, because
+    on 28x28 digits *where* a stroke is carries information that global pooling throws away."""
+    w = width
+    return nn.Sequential(
+        *_conv_bn(1, w), nn.MaxPool2d(2),
+        *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        *_conv_bn(2 * w, 4 * w),
+        nn.Flatten(), nn.Linear(4 * w * 7 * 7, embed_dim, bias=False), nn.BatchNorm1d(embed_dim),
+        nn.ReLU(inplace=True),
+    ), embed_dim
+
+
+ARCHS = {
+    "tutorial": lambda width, embed_dim: _tutorial_body(embed_dim),
+    "cnn": _cnn_body,
+}
+
+
+class Encoder(nn.Module):
+    """Maps float images in [0, 1] to embeddings; the dataset normalisation lives inside.
+
+    Shape:
+        x: (B, 1, 28, 28) float in [0, 1]. Output: (B, embed_dim).
+    """
+
+    def __init__(self, arch: str = "cnn", width: int = 16, embed_dim: int = 128,
+                 mean: float = 0.1307, std: float = 0.3081):
+        super().__init__()
+        if arch not in ARCHS:
+            raise FastclrError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+        self.hparams = dict(arch=arch, width=width, embed_dim=embed_dim, mean=mean, std=std)
+        self.body, self.out_dim = ARCHS[arch](width, embed_dim)
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body((x - self.mean) / self.std)
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP head g(h) = W2 ReLU(BN(W1 h)). Shape: (B, in_dim) -> (B, out_dim)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+
+class SimCLRModel(nn.Module):
+    """Encoder + head. Shape: (B, 1, 28, 28) -> z (B, proj_dim)."""
+
+    def __init__(self, encoder: Encoder, head: ProjectionHead):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+def build_model(arch: str, width: int, embed_dim: int, proj_hidden: int, proj_dim: int,
+                mean: float, std: float) -> SimCLRModel:
+    encoder = Encoder(arch, width, embed_dim, mean, std)
+    return SimCLRModel(encoder, ProjectionHead(encoder.out_dim, proj_hidden, proj_dim))
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a fastclr checkpoint dict, with a clear error for a missing, foreign or newer file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastclrError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise FastclrError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
+                           "it may be truncated: use an earlier one or retrain") from None
+    if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_hparams" not in ckpt:
+        raise FastclrError(f"{path} is not a fastclr checkpoint")
+    if ckpt.get("format", 0) != CHECKPOINT_FORMAT:
+        raise FastclrError(f"{path} has checkpoint format {ckpt.get('format')}, this fastclr reads format "
+                           f"{CHECKPOINT_FORMAT}; use the fastclr version that wrote it")
+    return ckpt
+
+
+def load_encoder(path: str | Path, map_location="cpu") -> Encoder:
+    """Rebuild the trained encoder from a checkpoint, in eval mode.
+
+    The result maps float images in [0, 1] of shape (B, 1, 28, 28) to embeddings (B, D).
+    """
+    ckpt = read_checkpoint(path, map_location)
+    encoder = Encoder(**ckpt["encoder_hparams"])
+    encoder.load_state_dict(ckpt["encoder"])
+    return encoder.eval()

@@ -1,0 +1,392 @@
+"""SimCLR training: ``python -m fastclr.train [--amp] ...`` trains, checkpoints, evaluates and writes a run folder.
+
+Run folder (``--out``, default ``runs/<timestamp>``): ``checkpoint.pt``, ``metrics.json``, ``loss.png``,
+``tsne.png``. Under ``torchrun`` every rank trains its shard of each epoch and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import backend as B
+from .augment import SimCLRAugment
+from .backend import FastclrError
+from .config import TrainConfig, build_parser, config_from_args
+from .data import DATASETS, DevicePairs, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
+from .eval import evaluate
+from .loss import NTXentLoss
+from .model import CHECKPOINT_FORMAT, SimCLRModel, build_model, read_checkpoint
+
+# Dataset pixel statistics, baked into the encoder so a loaded encoder takes raw [0, 1] images.
+NORM = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+
+
+# --------------------------------------------------------------------------- distributed context
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(runtime: B.Runtime) -> Dist:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else a no-op."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+# --------------------------------------------------------------------------- run folder, seeds, checkpoints
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise FastclrError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FastclrError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                           "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- the step
+
+def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: B.Runtime,
+               channels_last: bool = False) -> torch.Tensor:
+    """One SimCLR step on a (B, 1, 28, 28) view pair; returns the loss as a device tensor (no host sync).
+
+    Both views go through the network as one 2B batch: one kernel launch per layer instead of two."""
+    x = torch.cat([v1, v2])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast():
+        z = model(x)
+    loss = loss_fn(*z.float().chunk(2))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step: finish the step, save, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def plot_loss(losses: list[float], path: Path, steps_per_epoch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, label="NT-Xent (per step)")
+    if len(losses) >= 20:
+        w = max(5, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, len(losses) + 1), smooth, lw=2, label=f"mean of {w}")
+    for e in range(steps_per_epoch, len(losses), steps_per_epoch):
+        ax.axvline(e, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("SimCLR training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the run
+
+def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Dist):
+    if cfg.loader == "device":
+        augment = SimCLRAugment(crop_scale=None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0), degrees=cfg.degrees,
+                                translate=cfg.translate, shear=cfg.shear, erase_p=cfg.erase_p)
+        return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
+                           rank=d.rank, world_size=d.world_size)
+    transform = torchvision_transform(crop_scale=(min(cfg.crop_min, 1.0), 1.0), degrees=cfg.degrees,
+                                      translate=cfg.translate, shear=cfg.shear)
+    return TorchvisionPairs(images, cfg.batch_size, runtime.device, cfg.workers, seed=cfg.seed,
+                            rank=d.rank, world_size=d.world_size, transform=transform)
+
+
+def load_data(cfg: TrainConfig) -> dict:
+    train_x, train_y = load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir, train=False)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                classes=dataset_info(cfg.dataset).classes)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
+    cfg.validate()
+    runtime = B.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
+                             cfg.probe_backend)
+    d = init_distributed(runtime)
+    if runtime.device.type == "cuda" and d.world_size > 1:
+        runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+        torch.cuda.set_device(runtime.device)
+    out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
+    if d.is_main and cfg.amp:
+        log(f"amp: {runtime.amp_note}")
+    seed_everything(cfg.seed)
+    data = load_data(cfg)
+    train_x = data["train_x"][: cfg.train_subset] if cfg.train_subset else data["train_x"]
+    if len(train_x) < cfg.batch_size * d.world_size:
+        raise FastclrError(f"--batch-size {cfg.batch_size} x {d.world_size} rank(s) is larger than the "
+                           f"{len(train_x)} training images")
+
+    mean, std = NORM[cfg.dataset]
+    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std)
+    if d.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch
+    model = model.to(runtime.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pairs = make_pairs(cfg, train_x, runtime, d)
+    steps_per_epoch = len(pairs)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    loss_fn = NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=d.world_size > 1, check_finite=False)
+
+    step, start_epoch, start_batch, losses, train_seconds = 0, 0, 0, [], 0.0
+    if cfg.resume:
+        ckpt = read_checkpoint(out / "checkpoint.pt", map_location=runtime.device)
+        _check_resumable(ckpt["config"], cfg)
+        model.encoder.load_state_dict(ckpt["encoder"])
+        model.head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        losses, train_seconds = list(ckpt["losses"]), ckpt["train_seconds"]
+        set_rng_state(ckpt["rng"])
+        if isinstance(pairs, DevicePairs):
+            pairs.generator.set_state(ckpt["loader_epoch_start" if start_batch else "loader_now"].cpu())
+        log(f"resumed {out} at epoch {start_epoch + 1}, step {step}")
+
+    net = torch.compile(model) if runtime.compile else model
+    ddp_net = net
+    if d.world_size > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    def checkpoint(epoch: int, batch_in_epoch: int, epoch_start_state) -> None:
+        if not d.is_main:
+            return
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
+            "encoder_hparams": model.encoder.hparams, "encoder": model.encoder.state_dict(),
+            "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "loader_now": pairs.generator.get_state() if isinstance(pairs, DevicePairs) else None,
+            "loader_epoch_start": epoch_start_state, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "step": step, "losses": losses, "train_seconds": train_seconds,
+        }, out / "checkpoint.pt")
+
+    if d.is_main:
+        log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset}: {len(train_x)} images, "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
+            f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
+    model.train()
+    stopped = None
+    with StopRequested() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            if step >= total_steps:
+                break
+            epoch_start_state = pairs.generator.get_state() if isinstance(pairs, DevicePairs) else None
+            skip = start_batch if epoch == start_epoch else 0
+            bar = tqdm(total=min(steps_per_epoch, total_steps - step + skip), initial=skip, disable=not d.is_main,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
+            B.synchronize(runtime.device)
+            t0, pending, batch = time.perf_counter(), [], skip
+            source = pairs.iterate(skip) if isinstance(pairs, DevicePairs) else pairs
+            for v1, v2 in source:
+                pending.append(train_step(ddp_net, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime,
+                                          cfg.channels_last))
+                step, batch = step + 1, batch + 1
+                last = step >= total_steps or batch == steps_per_epoch
+                if len(pending) >= cfg.log_every or last or stop.signal:
+                    # the only host sync of the loop: read a block of losses at once
+                    vals = torch.stack(pending).cpu().tolist()
+                    pending = []
+                    if not all(math.isfinite(v) for v in vals):
+                        raise FastclrError(
+                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the run stops and "
+                            f"{out / 'checkpoint.pt'} keeps the last good epoch. Likely cause: temperature "
+                            f"{cfg.temperature} too low or lr {cfg.lr} too high"
+                            + (" or fp16 overflow (try bf16 or no --amp)" if runtime.needs_grad_scaler else ""))
+                    losses.extend(vals)
+                    elapsed = train_seconds + time.perf_counter() - t0
+                    bar.update(len(vals))
+                    bar.set_postfix(loss=f"{vals[-1]:.4f}",
+                                    img_s=f"{2 * cfg.batch_size * d.world_size * (step) / max(elapsed, 1e-9):.0f}")
+                if stop.signal or step >= total_steps:
+                    break
+            B.synchronize(runtime.device)
+            train_seconds += time.perf_counter() - t0
+            bar.close()
+            if stop.signal:
+                checkpoint(epoch, batch, epoch_start_state)
+                stopped = stop.signal
+                break
+            done_epoch = batch == steps_per_epoch
+            checkpoint(epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch, epoch_start_state)
+    if stopped is not None:
+        name = signal.Signals(stopped).name
+        if d.is_main:
+            log(f"{name} received: stopped after step {step}; checkpoint saved to {out / 'checkpoint.pt'}. "
+                f"Continue with: python -m fastclr.train --out {out} --resume (same settings)")
+        raise SystemExit(128 + stopped)
+
+    if not d.is_main:
+        return {}
+    metrics = {
+        "epochs": cfg.epochs, "steps": step, "train_seconds": train_seconds,
+        "train_images_per_second": 2 * cfg.batch_size * d.world_size * step / max(train_seconds, 1e-9),
+        "final_loss": float(np.mean(losses[-min(len(losses), cfg.log_every):])) if losses else None,
+        "world_size": d.world_size,
+    }
+    plot_loss(losses, out / "loss.png", steps_per_epoch)
+    if cfg.eval:
+        metrics.update(evaluate(model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+                                tsne_points=cfg.tsne_points, pixel_knn=cfg.pixel_knn,
+                                linear_probe=cfg.linear_probe, seed=cfg.seed, log=log))
+    metrics.update(config=dataclasses.asdict(cfg), device=str(runtime.device), runtime=runtime.describe(),
+                   torch_version=torch.__version__, kornia_version=_version("kornia"), git_commit=git_commit(),
+                   out=str(out))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log(f"wrote {out}/: checkpoint.pt, metrics.json, loss.png" + (", tsne.png" if cfg.eval and cfg.tsne_points else ""))
+    return metrics
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "epochs", "batch_size",
+                "lr", "temperature", "seed", "train_subset", "loader", "max_steps")
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        pairs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff)
+        raise FastclrError(f"--resume needs the settings of the saved run: {pairs}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser(description="Train SimCLR (NT-Xent) on MNIST or Fashion-MNIST, then evaluate "
+                                      "(k-NN, linear probe, t-SNE).")
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        metrics = train(cfg)
+    except FastclrError as exc:
+        print(f"fastclr.train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics and "knn_accuracy" in metrics:
+        print(f"knn_accuracy {metrics['knn_accuracy']:.4f} (raw pixels {metrics.get('pixel_knn_accuracy', float('nan')):.4f}), "
+              f"{metrics['train_images_per_second']:.0f} images/s over {metrics['train_seconds']:.1f}s of training")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""End to end: the CLI on real MNIST, reproducibility, clear errors, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastclr.config import TrainConfig, build_parser, config_from_args
+from fastclr.train import lr_factor, train
+
+FAST = dict(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=32, eval=False)
+
+
+def cli(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "fastclr.train", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def test_cli_mirrors_the_config_dataclass():
+    cfg = config_from_args(build_parser().parse_args(["--batch-size", "64", "--amp", "--no-pixel-knn",
+                                                      "--loss-impl", "tiled"]))
+    assert cfg.batch_size == 64 and cfg.amp and not cfg.pixel_knn and cfg.loss_impl == "tiled"
+    assert config_from_args(build_parser().parse_args([])) == TrainConfig()
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_mnist(mnist_root, tmp_path):
+    """A few hundred steps through the CLI, then an independent k-NN on load_encoder's embeddings."""
+    out = tmp_path / "run"
+    r = cli("--data-dir", str(mnist_root), "--epochs", "1", "--max-steps", "150", "--out", str(out),
+            "--tsne-points", "500", "--loss-impl", "tiled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("checkpoint.pt", "metrics.json", "loss.png", "tsne.png"):
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("knn_accuracy", "pixel_knn_accuracy", "linear_probe_accuracy", "epochs", "steps", "train_seconds",
+                "train_images_per_second", "final_loss", "config", "device", "torch_version"):
+        assert key in m, key
+    assert m["steps"] == 150 and m["config"]["loss_impl"] == "tiled"
+    assert m["knn_accuracy"] > 0.95 and m["final_loss"] < 4.0
+
+    # independent check: scikit-learn's own classifier on embeddings from the saved encoder
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from fastclr.data import load_dataset
+    from fastclr.eval import embed
+    from fastclr.model import load_encoder
+
+    enc = load_encoder(out / "checkpoint.pt")
+    dev = torch.device("cpu")
+    trx, try_ = load_dataset("mnist", mnist_root, True)
+    tex, tey = load_dataset("mnist", mnist_root, False)
+    tr, te = embed(enc, trx, dev).numpy(), embed(enc, tex, dev).numpy()
+    clf = KNeighborsClassifier(20, metric="cosine", algorithm="brute",
+                               weights=lambda d: torch.exp(torch.from_numpy(-d / 0.07)).numpy())
+    acc = (clf.fit(tr, try_.numpy()).predict(te) == tey.numpy()).mean()
+    assert acc == pytest.approx(m["knn_accuracy"], abs=0.002)
+
+    # python -m fastclr.eval reproduces the metrics from the checkpoint
+    r = subprocess.run([sys.executable, "-m", "fastclr.eval", "--checkpoint", str(out / "checkpoint.pt"),
+                        "--tsne-points", "0", "--no-pixel-knn"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = json.loads((out / "eval_metrics.json").read_text())
+    assert e["knn_accuracy"] == pytest.approx(m["knn_accuracy"], abs=1e-6)
+    assert e["linear_probe_accuracy"] == pytest.approx(m["linear_probe_accuracy"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_seeded_runs_are_reproducible(mnist_root, tmp_path):
+    states = []
+    for i in range(2):
+        cfg = TrainConfig(data_dir=str(mnist_root), out=str(tmp_path / f"r{i}"), train_subset=512, max_steps=6,
+                          **FAST)
+        m = train(cfg, log=lambda *a: None)
+        states.append((m["final_loss"], torch.load(tmp_path / f"r{i}" / "checkpoint.pt")["encoder"]))
+    assert states[0][0] == states[1][0]
+    for k in states[0][1]:
+        assert torch.equal(states[0][1][k], states[1][1][k]), k
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "cifar10"], "unknown"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--loss-impl", "fast"], "unknown"),
+])
+def test_bad_input_gives_one_line_error(args, message, tmp_path):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = cli("--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "o"), *args, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
