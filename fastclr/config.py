@@ -34,6 +34,7 @@ class TrainConfig:
     embed_dim: int = _f(128, "encoder output size (the embedding that is evaluated)")
     proj_hidden: int = _f(256, "projection head hidden size")
     proj_dim: int = _f(64, "projection head output size (what the loss sees)")
+    proj_bn: bool = _f(True, "BatchNorm in the projection head (--no-proj-bn with --arch tutorial: a BN-free net)")
     # optimisation
     epochs: int = _f(1, "passes over the training set")
     max_steps: int = _f(0, "stop after this many steps in all (0: no limit)")
@@ -49,6 +50,7 @@ class TrainConfig:
     translate: float = _f(0.1, "translation range, fraction of the image size")
     shear: float = _f(10.0, "shear range, +-degrees")
     erase_p: float = _f(0.0, "random-erasing probability")
+    aug: bool = _f(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)")
     # runtime (decided in fastclr.backend)
     device: str = _f("auto", "auto: cuda when present, else cpu", ["auto", "cpu", "cuda"])
     amp: bool = _f(False, "mixed precision: bf16 (or fp16 + GradScaler) on CUDA; on CPU only with native bf16")
@@ -65,10 +67,14 @@ class TrainConfig:
     pixel_knn: bool = _f(True, "also report k-NN on raw pixels under the same protocol")
     linear_probe: bool = _f(True, "also report linear-probe accuracy")
     eval: bool = _f(True, "evaluate after training")
+    target_knn: float = _f(0.0, "stop as soon as k-NN test accuracy reaches this (0: train all epochs); "
+                                "checked every --eval-every steps and at each epoch's end")
+    eval_every: int = _f(0, "steps between k-NN checks for --target-knn (0: at each epoch's end only)")
     # output
     out: typing.Optional[str] = _f(None, "run folder (default: runs/<timestamp>)")
     overwrite: bool = _f(False, "allow --out to hold an earlier, different run")
     resume: bool = _f(False, "continue the run in --out from its checkpoint")
+    checkpoint_every: int = _f(0, "steps between extra mid-epoch checkpoints (0: at each epoch's end only)")
     log_every: int = _f(10, "steps between progress-bar updates (each costs one host sync)")
 
     def validate(self) -> None:
@@ -80,6 +86,8 @@ class TrainConfig:
         for name in ("temperature", "lr", "knn_temperature"):
             if not getattr(self, name) > 0:
                 raise FastclrError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.target_knn <= 1:
+            raise FastclrError(f"--target-knn must be in [0, 1], got {self.target_knn}")
         if not 0 < self.crop_min <= 1:
             raise FastclrError(f"--crop-min must be in (0, 1], got {self.crop_min}")
         for f in dataclasses.fields(self):

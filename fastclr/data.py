@@ -204,10 +204,13 @@ class _TwoViewDataset(torch.utils.data.Dataset):
         return self.transform(x), self.transform(x)
 
 
-def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1)):
+def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1),
+                         identity: bool = False):
     """Per-sample CPU transforms matching SimCLRAugment's defaults (torchvision.transforms.v2)."""
     from torchvision.transforms import v2
 
+    if identity:
+        return v2.ToDtype(torch.float32, scale=True)
     return v2.Compose([
         v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
         v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),

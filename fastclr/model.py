@@ -70,11 +70,12 @@ class Encoder(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """SimCLR's MLP head g(h) = W2 ReLU(BN(W1 h)). Shape: (B, in_dim) -> (B, out_dim)."""
+    """SimCLR's MLP head g(h) = W2 ReLU(BN(W1 h)) (BN optional). Shape: (B, in_dim) -> (B, out_dim)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 64):
+    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 64, bn: bool = True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+        norm = [nn.BatchNorm1d(hidden_dim)] if bn else []
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not bn), *norm,
                                  nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
     def forward(self, h: Tensor) -> Tensor:
@@ -93,9 +94,9 @@ class SimCLRModel(nn.Module):
 
 
 def build_model(arch: str, width: int, embed_dim: int, proj_hidden: int, proj_dim: int,
-                mean: float, std: float) -> SimCLRModel:
+                mean: float, std: float, proj_bn: bool = True) -> SimCLRModel:
     encoder = Encoder(arch, width, embed_dim, mean, std)
-    return SimCLRModel(encoder, ProjectionHead(encoder.out_dim, proj_hidden, proj_dim))
+    return SimCLRModel(encoder, ProjectionHead(encoder.out_dim, proj_hidden, proj_dim, proj_bn))
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:

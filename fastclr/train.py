@@ -185,13 +185,15 @@ def plot_loss(losses: list[float], path: Path, steps_per_epoch: int) -> None:
 # --------------------------------------------------------------------------- the run
 
 def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Dist):
+    """The configured view-pair source: device-resident + Kornia (default) or DataLoader + torchvision v2."""
+    crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
     if cfg.loader == "device":
-        augment = SimCLRAugment(crop_scale=None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0), degrees=cfg.degrees,
-                                translate=cfg.translate, shear=cfg.shear, erase_p=cfg.erase_p)
+        augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
+                                erase_p=cfg.erase_p) if cfg.aug else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)
-    transform = torchvision_transform(crop_scale=(min(cfg.crop_min, 1.0), 1.0), degrees=cfg.degrees,
-                                      translate=cfg.translate, shear=cfg.shear)
+    transform = torchvision_transform(crop_scale=crop or (1.0, 1.0), degrees=cfg.degrees, translate=cfg.translate,
+                                      shear=cfg.shear, identity=not cfg.aug)
     return TorchvisionPairs(images, cfg.batch_size, runtime.device, cfg.workers, seed=cfg.seed,
                             rank=d.rank, world_size=d.world_size, transform=transform)
 
@@ -205,6 +207,7 @@ def load_data(cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
+    t_start = time.perf_counter()  # --target-knn's clock: data loading, training and k-NN checks all count
     cfg.validate()
     runtime = B.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
                              cfg.probe_backend)
@@ -223,9 +226,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                            f"{len(train_x)} training images")
 
     mean, std = NORM[cfg.dataset]
-    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std)
-    if d.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch
+    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std, cfg.proj_bn)
+    if d.world_size > 1 and runtime.device.type == "cuda":
+        # BN statistics over the global batch. PyTorch's SyncBatchNorm runs on GPUs only: CPU (gloo) ranks
+        # keep per-rank BN statistics (see README, "Multi-GPU").
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -242,7 +247,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     step, start_epoch, start_batch, losses, train_seconds = 0, 0, 0, [], 0.0
     if cfg.resume:
-        ckpt = read_checkpoint(out / "checkpoint.pt", map_location=runtime.device)
+        ckpt = read_checkpoint(out / "checkpoint.pt")  # on the CPU: RNG states must stay CPU tensors
         _check_resumable(ckpt["config"], cfg)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.head.load_state_dict(ckpt["head"])
@@ -280,7 +285,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
             f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
     model.train()
-    stopped = None
+    stopped, reached, knn_history = None, False, []
+
+    def target_check() -> bool:
+        """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
+        t = time.perf_counter()
+        acc = evaluate(model.encoder, data, runtime, None, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+                       tsne_points=0, pixel_knn=False, linear_probe=False, log=lambda *a: None)["knn_accuracy"]
+        model.train()
+        knn_history.append({"step": step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start})
+        if d.is_main:
+            tqdm.write(f"step {step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
+                       f"[{time.perf_counter() - t:.1f}s, {time.perf_counter() - t_start:.0f}s since start]")
+        return acc >= cfg.target_knn
+
     with StopRequested() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps:
@@ -290,7 +308,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             bar = tqdm(total=min(steps_per_epoch, total_steps - step + skip), initial=skip, disable=not d.is_main,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
             B.synchronize(runtime.device)
-            t0, pending, batch = time.perf_counter(), [], skip
+            t0, pending, batch, eval_time = time.perf_counter(), [], skip, 0.0
             source = pairs.iterate(skip) if isinstance(pairs, DevicePairs) else pairs
             for v1, v2 in source:
                 pending.append(train_step(ddp_net, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime,
@@ -312,10 +330,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     bar.update(len(vals))
                     bar.set_postfix(loss=f"{vals[-1]:.4f}",
                                     img_s=f"{2 * cfg.batch_size * d.world_size * (step) / max(elapsed, 1e-9):.0f}")
-                if stop.signal or step >= total_steps:
+                if cfg.target_knn and (batch == steps_per_epoch or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    te = time.perf_counter()
+                    reached = target_check()
+                    eval_time += time.perf_counter() - te
+                if stop.signal or step >= total_steps or reached:
                     break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < steps_per_epoch:
+                    checkpoint(epoch, batch, epoch_start_state)
             B.synchronize(runtime.device)
-            train_seconds += time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t0 - eval_time
             bar.close()
             if stop.signal:
                 checkpoint(epoch, batch, epoch_start_state)
@@ -323,6 +347,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 break
             done_epoch = batch == steps_per_epoch
             checkpoint(epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch, epoch_start_state)
+            if reached:
+                break
     if stopped is not None:
         name = signal.Signals(stopped).name
         if d.is_main:
@@ -338,6 +364,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "final_loss": float(np.mean(losses[-min(len(losses), cfg.log_every):])) if losses else None,
         "world_size": d.world_size,
     }
+    if cfg.target_knn:
+        metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=knn_history,
+                       time_to_target_seconds=knn_history[-1]["seconds"] if reached else None)
     plot_loss(losses, out / "loss.png", steps_per_epoch)
     if cfg.eval:
         metrics.update(evaluate(model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
@@ -359,7 +388,7 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "epochs", "batch_size",
+_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "batch_size",
                 "lr", "temperature", "seed", "train_subset", "loader", "max_steps")
 
 

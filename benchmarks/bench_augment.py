@@ -1,0 +1,63 @@
+"""Augmentation throughput (batch 512 of 28x28) and a full epoch of data delivery per loader (no model)."""
+import pytest
+import torch
+
+from fastclr.augment import SimCLRAugment, tutorial_batch_augment
+from fastclr.data import DevicePairs, TorchvisionPairs
+
+from .conftest import DEVICES, QUICK, run, skip_unless_device
+
+BATCH = 512
+EPOCH_IMAGES = 2048 if QUICK else 60000
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_augment_kornia_per_sample(benchmark, device):
+    benchmark.group = "augment-b512"
+    x = images(BATCH).to(device).float().div_(255)
+    aug = SimCLRAugment()
+    run(benchmark, lambda: (aug(x), aug(x)), device, rounds=20, warmup=2)
+    benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
+
+
+def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
+    """Per-sample CPU transforms in 2 worker processes: time for 10 batches of view pairs."""
+    benchmark.group = "augment-b512"
+    pairs = TorchvisionPairs(images(BATCH * 10), BATCH, torch.device("cpu"), workers=2)
+    list(pairs)  # start the persistent workers
+    run(benchmark, lambda: list(pairs), "cpu", rounds=3, warmup=0)
+    benchmark.extra_info["images_per_second"] = 2 * BATCH * 10 / benchmark.stats.stats.mean
+
+
+def test_augment_tutorial_batch_wide(benchmark):
+    """The tutorial's transform on a batch tensor: ONE crop and ONE rotation for all 512 (not per sample)."""
+    benchmark.group = "augment-b512"
+    x = images(BATCH).float().div_(255)
+    run(benchmark, lambda: tutorial_batch_augment(x), "cpu", rounds=20, warmup=2)
+    benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("loader", ["device", "torchvision"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_epoch_data_delivery(benchmark, loader, device):
+    """60,000 images -> view pairs on the device, batch 256: everything the training step waits for."""
+    skip_unless_device(device)
+    benchmark.group = f"epoch-data-{device}"
+    data = images(EPOCH_IMAGES)
+    dev = torch.device(device)
+    if loader == "device":
+        pairs = DevicePairs(data, 256, dev, SimCLRAugment())
+    else:
+        pairs = TorchvisionPairs(data, 256, dev, workers=2)
+
+    def epoch():
+        for v1, v2 in pairs:
+            pass
+
+    run(benchmark, epoch, device, rounds=1 if not QUICK else 1, warmup=1 if loader == "torchvision" else 0)
+    benchmark.extra_info["images_per_second"] = 2 * len(pairs) * 256 / benchmark.stats.stats.mean

@@ -1,0 +1,65 @@
+"""Shared helpers for the benchmark suites (pytest-benchmark).
+
+Each suite is parametrised over backend/impl and size, and groups its cases so that one table compares
+them. CUDA cases are skipped without a GPU; CUDA timings synchronise inside the timed function.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+torch.set_num_threads(min(int(os.environ.get("FASTCLR_BENCH_THREADS", "2")), torch.get_num_threads()))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+QUICK = os.environ.get("FASTCLR_BENCH_QUICK") == "1"   # the smoke test: smallest size, one round
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(benchmark, fn, device, rounds=5, warmup=1):
+    """Time ``fn`` with device sync inside the timed call; warm-up rounds absorb compilation and caches."""
+    def timed():
+        out = fn()
+        sync(device)
+        return out
+    if QUICK:
+        rounds, warmup = 1, 0
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def cuda_peak_mib(fn) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_peak_mib(setup: str, stmt: str) -> float:
+    """Peak resident memory added by ``stmt`` after ``setup``, measured in a fresh process (ru_maxrss is
+    a high-water mark, so only a fresh process gives a clean reading)."""
+    code = textwrap.dedent(f"""
+        import resource, torch
+        torch.set_num_threads(2)
+        {setup}
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        {stmt}
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def skip_unless_device(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
