@@ -11,7 +11,8 @@ from fastclr.train import train_step
 from .conftest import DEVICES, QUICK, run, skip_unless_device
 
 
-def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True):
+def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None):
+    """A zero-argument training step; ``batches`` (an iterator of view pairs) feeds it, else one fixed batch."""
     rt = make_runtime(device, amp=amp, compile=compile)
     model = build_model(arch, width, 128, 256, 64, 0.13, 0.31).to(rt.device)
     if channels_last:
@@ -23,6 +24,8 @@ def setup(arch, width, batch, device, amp=False, compile=False, channels_last=Tr
     loss_fn = NTXentLoss(0.2, check_finite=False)
     aug = SimCLRAugment()
     x = torch.rand(batch, 1, 28, 28, device=rt.device)
+    if batches is not None:
+        return lambda: train_step(net, loss_fn, opt, scaler, sched, *next(batches), rt, channels_last)
     return lambda: train_step(net, loss_fn, opt, scaler, sched, aug(x), aug(x), rt, channels_last)
 
 
@@ -55,16 +58,24 @@ def test_train_step_compiled(benchmark, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_epoch(benchmark, device):
-    """A full training epoch on 60,000 images with the default configuration (synthetic pixels)."""
+    """A full training epoch on 60,000 images (synthetic pixels): device-resident loader, Kornia views,
+    the step; the default configuration (fastclr.config.TrainConfig)."""
+    from fastclr.config import TrainConfig
+    from fastclr.data import DevicePairs
+
     skip_unless_device(device)
     benchmark.group = f"epoch-{device}"
+    cfg = TrainConfig()
     n = 1024 if QUICK else 60000
-    step = setup("cnn", 16, 256, device, amp=device == "cuda")
-    steps = n // 256
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
+    pairs = DevicePairs(images, cfg.batch_size, torch.device(device), SimCLRAugment(), seed=0)
+    steps = len(pairs)
 
     def epoch():
+        it = iter(pairs)
+        step = setup(cfg.arch, cfg.width, cfg.batch_size, device, amp=device == "cuda", batches=it)
         for _ in range(steps):
             step()
 
     run(benchmark, epoch, device, rounds=1, warmup=0)
-    benchmark.extra_info["images_per_second"] = 2 * 256 * steps / benchmark.stats.stats.mean
+    benchmark.extra_info["images_per_second"] = 2 * cfg.batch_size * steps / benchmark.stats.stats.mean

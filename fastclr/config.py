@@ -30,7 +30,7 @@ class TrainConfig:
     # model
     arch: str = _f("cnn", "encoder: cnn (3 conv-BN stages) or tutorial (the tutorial's 2-conv net)",
                    ["cnn", "tutorial"])
-    width: int = _f(16, "channels of the first conv stage (cnn: width, 2x, 4x)")
+    width: int = _f(32, "channels of the first conv stage (cnn: width, 2x, 4x)")
     embed_dim: int = _f(128, "encoder output size (the embedding that is evaluated)")
     proj_hidden: int = _f(256, "projection head hidden size")
     proj_dim: int = _f(64, "projection head output size (what the loss sees)")
@@ -38,7 +38,7 @@ class TrainConfig:
     # optimisation
     epochs: int = _f(1, "passes over the training set")
     max_steps: int = _f(0, "stop after this many steps in all (0: no limit)")
-    batch_size: int = _f(256, "pairs per step (each step sees 2 x batch_size augmented images)")
+    batch_size: int = _f(128, "pairs per step (each step sees 2 x batch_size augmented images)")
     lr: float = _f(3e-3, "peak AdamW learning rate (after warm-up, then cosine decay to 0)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     warmup_steps: int = _f(20, "linear learning-rate warm-up steps")
@@ -50,6 +50,8 @@ class TrainConfig:
     translate: float = _f(0.1, "translation range, fraction of the image size")
     shear: float = _f(10.0, "shear range, +-degrees")
     erase_p: float = _f(0.0, "random-erasing probability")
+    thickness_p: float = _f(0.5, "probability of a random stroke-thickness change (dilate or erode)")
+    elastic_p: float = _f(0.8, "probability of an elastic deformation")
     aug: bool = _f(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)")
     # runtime (decided in fastclr.backend)
     device: str = _f("auto", "auto: cuda when present, else cpu", ["auto", "cpu", "cuda"])

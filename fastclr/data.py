@@ -189,7 +189,10 @@ class DevicePairs:
         """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
         for idx in self.epoch_indices().split(self.batch_size)[start_batch:]:
             x = to_float(self.images[idx])                   # gather + convert on the device
-            yield self.augment(x), self.augment(x)
+            # both views in ONE augmentation call of 2B samples: parameters are still drawn per sample, and
+            # the fixed per-call cost (parameter sampling, kernel launches) is paid once instead of twice
+            v1, v2 = self.augment(torch.cat([x, x])).chunk(2)
+            yield v1, v2
 
 
 class _TwoViewDataset(torch.utils.data.Dataset):
@@ -205,16 +208,21 @@ class _TwoViewDataset(torch.utils.data.Dataset):
 
 
 def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1),
-                         identity: bool = False):
-    """Per-sample CPU transforms matching SimCLRAugment's defaults (torchvision.transforms.v2)."""
+                         thickness_p=0.5, elastic_p=0.8, identity: bool = False):
+    """Per-sample CPU transforms (torchvision.transforms.v2) approximating SimCLRAugment's: the same crop,
+    affine and thickness; torchvision's elastic warp is parametrised in pixels, Kornia's in grid units."""
     from torchvision.transforms import v2
+
+    from .augment import RandomThickness
 
     if identity:
         return v2.ToDtype(torch.float32, scale=True)
     return v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Lambda(lambda x: RandomThickness(thickness_p)(x[None])[0]),
         v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
         v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
-        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=4.0)], p=elastic_p),
     ])
 
 

@@ -189,11 +189,13 @@ def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Di
     crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
     if cfg.loader == "device":
         augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
-                                erase_p=cfg.erase_p) if cfg.aug else torch.nn.Identity()
+                                erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p) \
+            if cfg.aug else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)
     transform = torchvision_transform(crop_scale=crop or (1.0, 1.0), degrees=cfg.degrees, translate=cfg.translate,
-                                      shear=cfg.shear, identity=not cfg.aug)
+                                      shear=cfg.shear, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
+                                      identity=not cfg.aug)
     return TorchvisionPairs(images, cfg.batch_size, runtime.device, cfg.workers, seed=cfg.seed,
                             rank=d.rank, world_size=d.world_size, transform=transform)
 
@@ -368,7 +370,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=knn_history,
                        time_to_target_seconds=knn_history[-1]["seconds"] if reached else None)
     plot_loss(losses, out / "loss.png", steps_per_epoch)
-    if cfg.eval:
+    if cfg.eval and reached and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
+        metrics["knn_accuracy"] = knn_history[-1]["knn_accuracy"]   # just measured by the target check
+    elif cfg.eval:
         metrics.update(evaluate(model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
                                 tsne_points=cfg.tsne_points, pixel_knn=cfg.pixel_knn,
                                 linear_probe=cfg.linear_probe, seed=cfg.seed, log=log))

@@ -38,7 +38,7 @@ def test_end_to_end_on_real_mnist(mnist_root, tmp_path):
     """A few hundred steps through the CLI, then an independent k-NN on load_encoder's embeddings."""
     out = tmp_path / "run"
     r = cli("--data-dir", str(mnist_root), "--epochs", "1", "--max-steps", "150", "--out", str(out),
-            "--tsne-points", "500", "--loss-impl", "tiled")
+            "--tsne-points", "500", "--loss-impl", "tiled", "--width", "16", "--batch-size", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("checkpoint.pt", "metrics.json", "loss.png", "tsne.png"):
         assert (out / name).stat().st_size > 0, name
