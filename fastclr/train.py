@@ -322,9 +322,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     vals = torch.stack(pending).cpu().tolist()
                     pending = []
                     if not all(math.isfinite(v) for v in vals):
+                        bar.close()
                         raise FastclrError(
                             f"loss became non-finite at step {step} (epoch {epoch + 1}); the run stops and "
-                            f"{out / 'checkpoint.pt'} keeps the last good epoch. Likely cause: temperature "
+                            f"{out / 'checkpoint.pt'} keeps the last good checkpoint. Likely cause: temperature "
                             f"{cfg.temperature} too low or lr {cfg.lr} too high"
                             + (" or fp16 overflow (try bf16 or no --amp)" if runtime.needs_grad_scaler else ""))
                     losses.extend(vals)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastclr.config import TrainConfig, build_parser, config_from_args
+from fastclr.model import read_checkpoint
 from fastclr.train import lr_factor, train
 
 FAST = dict(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=32, eval=False)
@@ -82,7 +83,7 @@ def test_seeded_runs_are_reproducible(mnist_root, tmp_path):
         cfg = TrainConfig(data_dir=str(mnist_root), out=str(tmp_path / f"r{i}"), train_subset=512, max_steps=6,
                           **FAST)
         m = train(cfg, log=lambda *a: None)
-        states.append((m["final_loss"], torch.load(tmp_path / f"r{i}" / "checkpoint.pt")["encoder"]))
+        states.append((m["final_loss"], read_checkpoint(tmp_path / f"r{i}" / "checkpoint.pt")["encoder"]))
     assert states[0][0] == states[1][0]
     for k in states[0][1]:
         assert torch.equal(states[0][1][k], states[1][1][k]), k
