@@ -44,15 +44,19 @@ def cuda_peak_mib(fn) -> float | None:
 
 
 def cpu_peak_mib(setup: str, stmt: str) -> float:
-    """Peak resident memory added by ``stmt`` after ``setup``, measured in a fresh process (ru_maxrss is
-    a high-water mark, so only a fresh process gives a clean reading)."""
+    """Peak resident memory added by ``stmt`` after ``setup``, measured in a fresh process.
+
+    Reads VmHWM (the high-water mark of this address space), not ru_maxrss: on Linux ru_maxrss survives
+    fork+exec, so a child of a big pytest process would start at its parent's peak and report 0."""
     code = textwrap.dedent(f"""
-        import resource, torch
+        import torch
         torch.set_num_threads(2)
+        def hwm():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
         {setup}
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = hwm()
         {stmt}
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print(hwm() - base)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:

@@ -26,7 +26,8 @@ def throughput(extra: dict) -> tuple[str, float] | tuple[None, None]:
 
 
 def label(bench: dict) -> str:
-    return bench["name"].split("[", 1)[-1].rstrip("]") if "[" in bench["name"] else bench["name"]
+    """'test_knn[torch-128-cpu]' -> 'knn[torch-128-cpu]'."""
+    return bench["name"].removeprefix("test_")
 
 
 def summarise(data: dict) -> tuple[str, dict]:
@@ -41,14 +42,17 @@ def summarise(data: dict) -> tuple[str, dict]:
     for group, rows in sorted(groups.items()):
         rows.sort(key=lambda b: b["stats"]["mean"])
         slowest = max(b["stats"]["mean"] for b in rows)
-        lines += [f"\n## {group}\n", "| case | mean (s) | median (s) | rounds | throughput | x slowest | peak MiB |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"\n## {group}\n",
+                  "| case | mean (s) | median (s) | rounds | throughput | x slowest | peak MiB | accuracy |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for b in rows:
             unit, value = throughput(b.get("extra_info", {}))
             peak = b.get("extra_info", {}).get("peak_mib")
+            acc = b.get("extra_info", {}).get("accuracy")
             lines.append(f"| {label(b)} | {b['stats']['mean']:.4f} | {b['stats']['median']:.4f} | "
                          f"{b['stats']['rounds']} | {f'{value:,.0f} {unit}' if unit else '-'} | "
-                         f"{slowest / b['stats']['mean']:.2f} | {f'{peak:.0f}' if peak is not None else '-'} |")
+                         f"{slowest / b['stats']['mean']:.2f} | {f'{peak:.0f}' if peak is not None else '-'} | "
+                         f"{f'{acc:.4f}' if acc is not None else '-'} |")
     return "\n".join(lines) + "\n", groups
 
 
