@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def run_tutorial(script: Path, data_dir: Path) -> dict:
-    env = {**os.environ, "MNIST_ROOT": str(data_dir), "SEED_EPOCHS": "1", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "MNIST_ROOT": str(data_dir.resolve()), "SEED_EPOCHS": "1", "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as tmp:   # it writes mnist_embeddings.png into its cwd
         out = subprocess.run([sys.executable, str(script.resolve())], cwd=tmp, env=env, capture_output=True,
                              text=True, timeout=3600)

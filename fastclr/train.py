@@ -104,10 +104,11 @@ def atomic_save(obj, path: Path) -> None:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
     except Exception:
         return None
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
