@@ -195,9 +195,20 @@ class Runtime:
         }
 
 
+def set_deterministic(on: bool) -> None:
+    """PyTorch's deterministic algorithms (with cuBLAS's fixed workspace); warn-only, so an op that has no
+    deterministic CUDA kernel (scatter_add_ in the k-NN vote) warns instead of stopping the run."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
 def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool = False,
                  knn_backend: str | None = None, tsne_backend: str | None = None,
-                 probe_backend: str | None = None) -> Runtime:
+                 probe_backend: str | None = None, deterministic: bool = False) -> Runtime:
+    if deterministic:
+        set_deterministic(True)
     dev = resolve_device(device)
     amp_dtype, note = resolve_amp_dtype(amp, dev)
     use_compile = bool(compile)

@@ -58,7 +58,8 @@ class TrainConfig:
     amp: bool = _f(False, "mixed precision: bf16 (or fp16 + GradScaler) on CUDA; on CPU only with native bf16")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels_last memory format for the convolutions (faster with oneDNN/cuDNN)")
-    seed: int = _f(0, "random seed (model init, permutation, augmentation)")
+    seed: int = _f(0, "random seed (model init, permutation, augmentation); CPU runs are bit-reproducible")
+    deterministic: bool = _f(False, "PyTorch's deterministic algorithms (for reproducible CUDA runs; slower)")
     # evaluation
     knn_k: int = _f(20, "neighbours in the k-NN vote")
     knn_temperature: float = _f(0.07, "k-NN vote weight exp(sim / T)")

@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     t_start = time.perf_counter()  # --target-knn's clock: data loading, training and k-NN checks all count
     cfg.validate()
     runtime = B.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
-                             cfg.probe_backend)
+                             cfg.probe_backend, cfg.deterministic)
     d = init_distributed(runtime)
     if runtime.device.type == "cuda" and d.world_size > 1:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))

@@ -76,3 +76,12 @@ def test_runtime_autocast_is_noop_without_amp(probes):
         y = torch.nn.Linear(3, 3)(torch.randn(2, 3))
     assert y.dtype == torch.float32 and not rt.needs_grad_scaler
     assert rt.describe()["device"] == "cpu"
+
+
+def test_deterministic_switch():
+    try:
+        B.make_runtime("cpu", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        B.set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
