@@ -394,8 +394,10 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "batch_size",
-                "lr", "temperature", "seed", "train_subset", "loader", "max_steps")
+# settings that change what a resumed run computes; anything else (logging, evaluation, output) may differ
+_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "max_steps",
+                "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "seed", "train_subset", "loader",
+                "aug", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p")
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
