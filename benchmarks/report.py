@@ -34,7 +34,7 @@ def summarise(data: dict) -> tuple[str, dict]:
     groups: dict[str, list] = defaultdict(list)
     for b in data["benchmarks"]:
         groups[b["group"] or b["name"]].append(b)
-    lines = [f"# fastclr benchmarks\n",
+    lines = ["# fastclr benchmarks\n",
              f"Machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
              f"{data['machine_info'].get('cpu', {}).get('count', '?')} CPUs; saved {data['datetime']}; "
              f"commit {data.get('commit_info', {}).get('id', '?')[:10]}.\n",

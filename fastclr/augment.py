@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -16,8 +15,8 @@ class SimCLRAugment(nn.Module):
     """Random view generator for 1-channel 28x28 images (digits, clothing).
 
     Defaults are tuned for MNIST (README, "Recipe"): a mild crop and a small rotation, plus the two
-    augmentations that fit handwriting best: stroke thickness (+0.2 to +0.4 points of 1-epoch k-NN accuracy
-    in our runs) and elastic deformation (+0.2 to +0.5 more). Large rotations turn 6 into 9 and flips turn 2
+    augmentations that fit handwriting best. One run each, 1 epoch, k-NN: 0.9760 without them, 0.9780 with
+    thickness (p 0.5), 0.9798 with thickness and elastic (p 0.5), 0.9822 with elastic at p 0.8. Large rotations turn 6 into 9 and flips turn 2
     into 5, so neither is used; random erasing and stronger crops lowered the accuracy.
 
     Args:
@@ -69,7 +68,8 @@ class SimCLRAugment(nn.Module):
 
 def _max3x3(x: Tensor) -> Tensor:
     """3x3 grey-level dilation (max filter, edges padded with the border value), separable: two passes of
-    three shifted maxima. On the CPU this is ~5x faster than ``max_pool2d(x, 3, stride=1, padding=1)``."""
+    three shifted maxima. Measured 3.6 against 4.9 ms for ``max_pool2d(x, 3, stride=1, padding=1)`` on a
+    (512, 1, 28, 28) batch, 2-core CPU."""
     r = torch.maximum(x, torch.cat([x[..., :, 1:], x[..., :, -1:]], dim=-1))
     r = torch.maximum(r, torch.cat([x[..., :, :1], x[..., :, :-1]], dim=-1))
     c = torch.maximum(r, torch.cat([r[..., 1:, :], r[..., -1:, :]], dim=-2))

@@ -200,8 +200,8 @@ def set_deterministic(on: bool) -> None:
     deterministic CUDA kernel (scatter_add_ in the k-NN vote) warns instead of stopping the run."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
 
 
 def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool = False,

@@ -217,9 +217,10 @@ def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, sh
 
     if identity:
         return v2.ToDtype(torch.float32, scale=True)
+    thickness = RandomThickness(thickness_p)
     return v2.Compose([
         v2.ToDtype(torch.float32, scale=True),
-        v2.Lambda(lambda x: RandomThickness(thickness_p)(x[None])[0]),
+        v2.Lambda(lambda x: thickness(x[None])[0]),
         v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
         v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
         v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=4.0)], p=elastic_p),

@@ -25,10 +25,10 @@ from . import backend as B
 from .augment import SimCLRAugment
 from .backend import FastclrError
 from .config import TrainConfig, build_parser, config_from_args
-from .data import DATASETS, DevicePairs, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
+from .data import DevicePairs, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
 from .eval import evaluate
 from .loss import NTXentLoss
-from .model import CHECKPOINT_FORMAT, SimCLRModel, build_model, read_checkpoint
+from .model import CHECKPOINT_FORMAT, build_model, read_checkpoint
 
 # Dataset pixel statistics, baked into the encoder so a loaded encoder takes raw [0, 1] images.
 NORM = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
@@ -372,8 +372,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=knn_history,
                        time_to_target_seconds=knn_history[-1]["seconds"] if reached else None)
     plot_loss(losses, out / "loss.png", steps_per_epoch)
-    if cfg.eval and reached and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
-        metrics["knn_accuracy"] = knn_history[-1]["knn_accuracy"]   # just measured by the target check
+    knn_fresh = bool(knn_history) and knn_history[-1]["step"] == step
+    if cfg.eval and knn_fresh and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
+        metrics["knn_accuracy"] = knn_history[-1]["knn_accuracy"]   # the last target check saw these weights
     elif cfg.eval:
         metrics.update(evaluate(model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
                                 tsne_points=cfg.tsne_points, pixel_knn=cfg.pixel_knn,

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,9 @@ def mnist(mnist_root):
     train_x, train_y = load_dataset("mnist", mnist_root, train=True)
     test_x, test_y = load_dataset("mnist", mnist_root, train=False)
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def train_cli(*args, timeout=600):
+    """Run ``python -m fastclr.train ARGS`` in a subprocess; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, "-m", "fastclr.train", *args], capture_output=True, text=True,
+                          timeout=timeout)

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from conftest import train_cli
 from fastclr import backend as B
 from fastclr.backend import FastclrError
 from fastclr.config import TrainConfig
@@ -73,8 +74,7 @@ def test_killed_run_resumes_to_the_same_result(sig, mnist_root, tmp_path, uninte
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "fastclr.train", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return train_cli(*args, timeout=timeout)
 
 
 def test_out_holding_another_run_is_not_overwritten(tmp_path):

@@ -1,24 +1,18 @@
 """End to end: the CLI on real MNIST, reproducibility, clear errors, checkpoints."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import train_cli
 from fastclr.config import TrainConfig, build_parser, config_from_args
 from fastclr.model import read_checkpoint
 from fastclr.train import lr_factor, train
 
 FAST = dict(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=32, eval=False)
 
-
-def cli(*args, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "fastclr.train", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 def test_cli_mirrors_the_config_dataclass():
@@ -38,7 +32,7 @@ def test_lr_schedule():
 def test_end_to_end_on_real_mnist(mnist_root, tmp_path):
     """A few hundred steps through the CLI, then an independent k-NN on load_encoder's embeddings."""
     out = tmp_path / "run"
-    r = cli("--data-dir", str(mnist_root), "--epochs", "1", "--max-steps", "150", "--out", str(out),
+    r = train_cli("--data-dir", str(mnist_root), "--epochs", "1", "--max-steps", "150", "--out", str(out),
             "--tsne-points", "500", "--loss-impl", "tiled", "--width", "16", "--batch-size", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("checkpoint.pt", "metrics.json", "loss.png", "tsne.png"):
@@ -100,7 +94,7 @@ def test_seeded_runs_are_reproducible(mnist_root, tmp_path):
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    r = cli("--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "o"), *args, timeout=120)
+    r = train_cli("--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "o"), *args, timeout=120)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
