@@ -16,18 +16,21 @@ def images(n, seed=0):
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
 
 
+@pytest.mark.parametrize("impl", ["fused", "kornia"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_augment_kornia_per_sample(benchmark, device):
-    benchmark.group = "augment-b512"
+def test_augment_per_sample(benchmark, device, impl):
+    """SimCLRAugment on both views in one call: fused (one grid_sample) against Kornia's chain of modules."""
+    skip_unless_device(device)
+    benchmark.group = f"augment-b512-{device}"
     x = images(BATCH).to(device).float().div_(255)
-    aug = SimCLRAugment()
-    run(benchmark, lambda: (aug(x), aug(x)), device, rounds=20, warmup=2)
+    aug = SimCLRAugment(impl=impl)
+    run(benchmark, lambda: aug(torch.cat([x, x])), device, rounds=20, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
 
 
 def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
     """Per-sample CPU transforms in 2 worker processes: time for 10 batches of view pairs."""
-    benchmark.group = "augment-b512"
+    benchmark.group = "augment-b512-cpu"
     pairs = TorchvisionPairs(images(BATCH * 10), BATCH, torch.device("cpu"), workers=2)
     list(pairs)  # start the persistent workers
     run(benchmark, lambda: list(pairs), "cpu", rounds=3, warmup=0)
@@ -36,7 +39,7 @@ def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
 
 def test_augment_tutorial_batch_wide(benchmark):
     """The tutorial's transform on a batch tensor: ONE crop and ONE rotation for all 512 (not per sample)."""
-    benchmark.group = "augment-b512"
+    benchmark.group = "augment-b512-cpu"
     x = images(BATCH).float().div_(255)
     run(benchmark, lambda: tutorial_batch_augment(x), "cpu", rounds=20, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean

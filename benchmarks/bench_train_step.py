@@ -4,29 +4,23 @@ import torch
 
 from fastclr.augment import SimCLRAugment
 from fastclr.backend import make_runtime
-from fastclr.loss import NTXentLoss
-from fastclr.model import build_model
-from fastclr.train import train_step
+from fastclr.config import TrainConfig
+from fastclr.train import build_training
 
 from .conftest import DEVICES, QUICK, run, skip_unless_device
 
 
 def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None):
-    """A zero-argument training step; ``batches`` (an iterator of view pairs) feeds it, else one fixed batch."""
+    """A zero-argument training step built as ``fastclr.train`` builds it; ``batches`` (an iterator of view
+    pairs) feeds it, else one fixed batch augmented afresh each call."""
     rt = make_runtime(device, amp=amp, compile=compile)
-    model = build_model(arch, width, 128, 256, 64, 0.13, 0.31).to(rt.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if rt.compile else model
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
-    loss_fn = NTXentLoss(0.2, check_finite=False)
+    cfg = TrainConfig(arch=arch, width=width, batch_size=batch, channels_last=channels_last, lr=1e-3)
+    tr = build_training(cfg, rt, total_steps=10**6)
+    if batches is not None:
+        return lambda: tr.step(*next(batches))
     aug = SimCLRAugment()
     x = torch.rand(batch, 1, 28, 28, device=rt.device)
-    if batches is not None:
-        return lambda: train_step(net, loss_fn, opt, scaler, sched, *next(batches), rt, channels_last)
-    return lambda: train_step(net, loss_fn, opt, scaler, sched, aug(x), aug(x), rt, channels_last)
+    return lambda: tr.step(*aug(torch.cat([x, x])).chunk(2))
 
 
 CASES = [("tutorial", 16, 128, False), ("tutorial", 16, 256, False), ("cnn", 16, 256, False),

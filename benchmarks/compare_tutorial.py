@@ -50,9 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("--tutorial", default="../shared/baselines/tutorial_simclr.py")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--fastclr-args", default="", help="extra fastclr.train flags, e.g. '--no-amp'")
     args = p.parse_args(argv)
     tut = run_tutorial(Path(args.tutorial), Path(args.data_dir))
-    fc = run_fastclr(Path(args.data_dir), [])
+    fc = run_fastclr(Path(args.data_dir), args.fastclr_args.split())
     result = {"tutorial": tut, "fastclr_tutorial_net_batch128": fc,
               "throughput_ratio": fc["images_per_second"] / tut["images_per_second"]}
     print(json.dumps(result, indent=2))

@@ -82,9 +82,23 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=None)
+def fused_adamw_available(device_type: str) -> bool:
+    """Whether ``AdamW(fused=True)`` runs on this device type (CUDA; CPU from torch 2.4). One kernel updates
+    every parameter instead of a dozen small ops per tensor: measured 0.14 against 0.48 ms per step for the
+    tutorial network's 11 tensors on the 2-core CPU."""
+    try:
+        p = torch.zeros(2, device=device_type, requires_grad=True)
+        p.grad = torch.ones(2, device=device_type)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except Exception:
+        return False
+
+
 def clear_probe_cache() -> None:
     """Forget cached probes (tests use this after patching the environment)."""
-    for probe in (cuda_available, cuml_available, compile_available, cpu_has_native_bf16):
+    for probe in (cuda_available, cuml_available, compile_available, cpu_has_native_bf16, fused_adamw_available):
         probe.cache_clear()
 
 
@@ -146,15 +160,15 @@ def resolve_amp_dtype(amp: bool, device: torch.device) -> tuple[torch.dtype | No
     CPU: bf16 only where the CPU computes it natively; elsewhere it is several times slower than fp32.
     """
     if not amp:
-        return None, "amp off"
+        return None, "fp32 (--no-amp)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "cuda bf16 autocast"
         return torch.float16, "cuda fp16 autocast + GradScaler"
     if cpu_has_native_bf16():
         return torch.bfloat16, "cpu bf16 autocast (native bf16 instructions)"
-    return None, ("--amp ignored: this CPU has no native bf16 instructions, where bf16 runs several "
-                  "times slower than fp32; training stays in fp32")
+    return None, ("fp32: this CPU has no native bf16 instructions, where bf16 runs several times slower "
+                  "than fp32")
 
 
 # --------------------------------------------------------------------------- the decision object
@@ -170,6 +184,7 @@ class Runtime:
     knn_backend: str
     tsne_backend: str
     probe_backend: str
+    fused_optimizer: bool = False  # AdamW(fused=True)
 
     def autocast(self):
         """Autocast context for the forward pass; a no-op where AMP is off."""
@@ -192,7 +207,38 @@ class Runtime:
             "knn_backend": self.knn_backend,
             "tsne_backend": self.tsne_backend,
             "probe_backend": self.probe_backend,
+            "fused_optimizer": self.fused_optimizer,
         }
+
+    def optimizer(self, params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """AdamW, fused where this device supports it."""
+        extra = {"fused": True} if self.fused_optimizer else {}
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc mallopt() parameters
+
+
+@functools.lru_cache(maxsize=None)
+def keep_cpu_memory_mapped() -> bool:
+    """Stop glibc returning freed activation memory to the OS between training steps (Linux/glibc only).
+
+    Why it is faster: a CPU step allocates and frees multi-MB activations (the tutorial net's first conv
+    output is 6.4 MB at batch 128); by default glibc serves them with fresh mmap()s or trims them off the heap
+    when freed, so every step page-faults its activations in again. With the mmap threshold at its 32 MB
+    maximum and trimming above 512 MB they stay in the heap. Measured on the 2-core CPU, tutorial net, batch
+    128, bf16: 17.3 against 30.2 ms per step (/tmp profiling, same process layout). The cost: the process
+    keeps up to 512 MB of freed memory. ``FASTCLR_MALLOC_TUNING=0`` switches it off. Returns whether it is on.
+    """
+    if os.environ.get("FASTCLR_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        return False
 
 
 def set_deterministic(on: bool) -> None:
@@ -211,6 +257,8 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
         set_deterministic(True)
     dev = resolve_device(device)
     amp_dtype, note = resolve_amp_dtype(amp, dev)
+    if dev.type == "cpu":
+        keep_cpu_memory_mapped()
     use_compile = bool(compile)
     if use_compile and not compile_available():
         import warnings
@@ -221,6 +269,7 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
         knn_backend=resolve_knn_backend(knn_backend, dev),
         tsne_backend=resolve_tsne_backend(tsne_backend, dev),
         probe_backend=resolve_probe_backend(probe_backend),
+        fused_optimizer=fused_adamw_available(dev.type),
     )
 
 

@@ -53,9 +53,13 @@ class TrainConfig:
     thickness_p: float = _f(0.5, "probability of a random stroke-thickness change (dilate or erode)")
     elastic_p: float = _f(0.8, "probability of an elastic deformation")
     aug: bool = _f(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)")
+    aug_impl: str = _f("fused", "fused: crop + affine + elastic as one grid_sample; kornia: Kornia's modules one after "
+                                "another (the reference); both draw crop and affine parameters from Kornia",
+                       ["fused", "kornia"])
     # runtime (decided in fastclr.backend)
     device: str = _f("auto", "auto: cuda when present, else cpu", ["auto", "cpu", "cuda"])
-    amp: bool = _f(False, "mixed precision: bf16 (or fp16 + GradScaler) on CUDA; on CPU only with native bf16")
+    amp: bool = _f(True, "mixed precision (autocast): bf16, or fp16 + GradScaler, on CUDA; bf16 on CPUs with native "
+                         "bf16 instructions, fp32 on other CPUs (fastclr.backend decides; --no-amp: fp32 everywhere)")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels_last memory format for the convolutions (faster with oneDNN/cuDNN)")
     seed: int = _f(0, "random seed (model init, permutation, augmentation); CPU runs are bit-reproducible")

@@ -15,15 +15,24 @@ from .backend import FastclrError
 CHECKPOINT_FORMAT = 1
 
 
+# ReLU then 2x2 max-pool equals max-pool then ReLU, values and gradients (max is monotone, so both pick the
+# same first maximum, and ReLU's mask of it is the same), but pooling first runs the ReLU and its backward
+# on a quarter of the elements. Measured, (256, 16, 28, 28) bf16 channels_last forward + backward, 2-core
+# CPU: 3.1 ms against 4.8 ms (fp32: 4.1 against 7.4). tests/test_model.py checks the equality.
+def _pool_relu() -> list[nn.Module]:
+    return [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+
+
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
 
 
 def _tutorial_body(embed_dim: int) -> tuple[nn.Module, int]:
-    """The tutorial's network, unchanged: 2 convs (16, 32), a linear layer and a ReLU."""
+    """The tutorial's network: 2 convs (16, 32) each followed by ReLU and a 2x2 max-pool (applied as pool,
+    then ReLU: the same function, see above), a linear layer and a ReLU. Same parameters, same state-dict keys."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 16, 3, padding=1), *_pool_relu(),
+        nn.Conv2d(16, 32, 3, padding=1), *_pool_relu(),
         nn.Flatten(), nn.Linear(32 * 7 * 7, embed_dim), nn.ReLU(),
     ), embed_dim
 
@@ -34,9 +43,9 @@ def _cnn_body(width: int, embed_dim: int) -> tuple[nn.Module, int]:
     on 28x28 digits *where* a stroke is carries information that global pooling throws away."""
     w = width
     return nn.Sequential(
-        *_conv_bn(1, w), nn.MaxPool2d(2),
-        *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
-        *_conv_bn(2 * w, 4 * w),
+        *_conv_bn(1, w), *_pool_relu(),
+        *_conv_bn(w, 2 * w), *_pool_relu(),
+        *_conv_bn(2 * w, 4 * w), nn.ReLU(inplace=True),
         nn.Flatten(), nn.Linear(4 * w * 7 * 7, embed_dim, bias=False), nn.BatchNorm1d(embed_dim),
         nn.ReLU(inplace=True),
     ), embed_dim

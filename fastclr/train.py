@@ -140,6 +140,55 @@ def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: B.
     return loss.detach()
 
 
+@dataclasses.dataclass
+class Training:
+    """What a training step needs, assembled from the config in one place (``train`` and the benchmarks)."""
+
+    model: torch.nn.Module        # SimCLRModel: the weights that are saved and evaluated
+    net: torch.nn.Module          # what the step calls: ``model``, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: NTXentLoss
+    runtime: B.Runtime
+    channels_last: bool
+
+    def step(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        """One step on a (B, 1, 28, 28) view pair; the loss as a device tensor."""
+        return train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.scheduler, v1, v2,
+                          self.runtime, self.channels_last)
+
+
+def build_training(cfg: TrainConfig, runtime: B.Runtime, total_steps: int, world_size: int = 1,
+                   state: dict | None = None) -> Training:
+    """Model, optimiser (AdamW, fused where available), schedule, scaler and loss as ``cfg`` says; ``state``
+    (a checkpoint) is loaded before compiling and DDP-wrapping."""
+    mean, std = NORM[cfg.dataset]
+    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std, cfg.proj_bn)
+    if world_size > 1 and runtime.device.type == "cuda":
+        # BN statistics over the global batch. PyTorch's SyncBatchNorm runs on GPUs only: CPU (gloo) ranks
+        # keep per-rank BN statistics (see README, "Multi-GPU").
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(runtime.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    if state is not None:
+        model.encoder.load_state_dict(state["encoder"])
+        model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    net = torch.compile(model) if runtime.compile else model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    loss_fn = NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=world_size > 1, check_finite=False)
+    return Training(model, net, optimizer, scheduler, scaler, loss_fn, runtime, cfg.channels_last)
+
+
 class StopRequested:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step: finish the step, save, exit."""
 
@@ -190,7 +239,8 @@ def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Di
     crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
     if cfg.loader == "device":
         augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
-                                erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p) \
+                                erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
+                                impl=cfg.aug_impl) \
             if cfg.aug else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)
@@ -219,8 +269,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.cuda.set_device(runtime.device)
     out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
-    if d.is_main and cfg.amp:
-        log(f"amp: {runtime.amp_note}")
+    if d.is_main:
+        log(f"precision: {runtime.amp_note}")
     seed_everything(cfg.seed)
     data = load_data(cfg)
     train_x = data["train_x"][: cfg.train_subset] if cfg.train_subset else data["train_x"]
@@ -228,47 +278,26 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise FastclrError(f"--batch-size {cfg.batch_size} x {d.world_size} rank(s) is larger than the "
                            f"{len(train_x)} training images")
 
-    mean, std = NORM[cfg.dataset]
-    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std, cfg.proj_bn)
-    if d.world_size > 1 and runtime.device.type == "cuda":
-        # BN statistics over the global batch. PyTorch's SyncBatchNorm runs on GPUs only: CPU (gloo) ranks
-        # keep per-rank BN statistics (see README, "Multi-GPU").
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(runtime.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     pairs = make_pairs(cfg, train_x, runtime, d)
     steps_per_epoch = len(pairs)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    loss_fn = NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=d.world_size > 1, check_finite=False)
 
     step, start_epoch, start_batch, losses, train_seconds = 0, 0, 0, [], 0.0
+    ckpt = None
     if cfg.resume:
         ckpt = read_checkpoint(out / "checkpoint.pt")  # on the CPU: RNG states must stay CPU tensors
         _check_resumable(ckpt["config"], cfg)
-        model.encoder.load_state_dict(ckpt["encoder"])
-        model.head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+    tr = build_training(cfg, runtime, total_steps, d.world_size, state=ckpt)
+    model, optimizer, scheduler, scaler = tr.model, tr.optimizer, tr.scheduler, tr.scaler
+    if ckpt is not None:
         step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         losses, train_seconds = list(ckpt["losses"]), ckpt["train_seconds"]
         set_rng_state(ckpt["rng"])
         if isinstance(pairs, DevicePairs):
             pairs.generator.set_state(ckpt["loader_epoch_start" if start_batch else "loader_now"].cpu())
         log(f"resumed {out} at epoch {start_epoch + 1}, step {step}")
-
-    net = torch.compile(model) if runtime.compile else model
-    ddp_net = net
-    if d.world_size > 1:
-        ddp_net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
     def checkpoint(epoch: int, batch_in_epoch: int, epoch_start_state) -> None:
         if not d.is_main:
@@ -314,8 +343,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             t0, pending, batch, eval_time = time.perf_counter(), [], skip, 0.0
             source = pairs.iterate(skip) if isinstance(pairs, DevicePairs) else pairs
             for v1, v2 in source:
-                pending.append(train_step(ddp_net, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime,
-                                          cfg.channels_last))
+                pending.append(tr.step(v1, v2))
                 step, batch = step + 1, batch + 1
                 last = step >= total_steps or batch == steps_per_epoch
                 if len(pending) >= cfg.log_every or last or stop.signal:
@@ -398,7 +426,7 @@ def _version(pkg: str) -> str | None:
 # settings that change what a resumed run computes; anything else (logging, evaluation, output) may differ
 _RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "max_steps",
                 "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "seed", "train_subset", "loader",
-                "aug", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p")
+                "aug", "aug_impl", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p")
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:

@@ -85,3 +85,33 @@ def test_deterministic_switch():
     finally:
         B.set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_optimizer_is_fused_adamw_where_available_and_matches_the_plain_one():
+    """The fused AdamW must take the same steps as the per-tensor one (fp32; tolerance for its different
+    operation order: rtol 1e-5, atol 1e-7)."""
+    rt = B.make_runtime("cpu")
+    assert rt.fused_optimizer == B.fused_adamw_available("cpu")
+    torch.manual_seed(0)
+    w0 = torch.randn(7, 5)
+    params = [w0.clone().requires_grad_(), w0.clone().requires_grad_()]
+    fused = rt.optimizer([params[0]], lr=1e-2, weight_decay=1e-4)
+    plain = torch.optim.AdamW([params[1]], lr=1e-2, weight_decay=1e-4)
+    for _ in range(5):
+        g = torch.randn(7, 5)
+        for p, opt in zip(params, (fused, plain)):
+            p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(params[0], w0)
+
+
+def test_malloc_tuning_can_be_switched_off(monkeypatch):
+    B.keep_cpu_memory_mapped.cache_clear()
+    monkeypatch.setenv("FASTCLR_MALLOC_TUNING", "0")
+    try:
+        assert B.keep_cpu_memory_mapped() is False
+    finally:
+        B.keep_cpu_memory_mapped.cache_clear()
+    monkeypatch.delenv("FASTCLR_MALLOC_TUNING")
+    assert isinstance(B.keep_cpu_memory_mapped(), bool)   # True on glibc, False elsewhere; never an error

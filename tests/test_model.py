@@ -45,3 +45,49 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
         load_encoder(tmp_path / "new.pt")
     with pytest.raises(FastclrError, match="unknown arch"):
         Encoder("resnet")
+
+
+def _literal_tutorial_net(embed_dim=32):
+    """The tutorial's SimpleCNN.encoder as published: ReLU before each max-pool."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, embed_dim), nn.ReLU())
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_then_relu_equals_the_tutorials_relu_then_pool(batch, dtype):
+    """fastclr's tutorial body pools before its ReLUs (faster); with the same weights, outputs and every
+    parameter gradient must equal the literal tutorial network's (exact: the same elements are selected and
+    summed in the same order; asserted with rtol 0 and atol 1e-6 for float32 reduction-order slack)."""
+    torch.manual_seed(batch)
+    ours = Encoder("tutorial", embed_dim=32, mean=0.0, std=1.0).to(dtype)
+    ref = _literal_tutorial_net(32).to(dtype)
+    ref.load_state_dict(ours.body.state_dict())          # same keys: the swap moved no parameters
+    x = torch.rand(batch, 1, 28, 28, dtype=dtype)
+    y_ours, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(y_ref)
+    y_ours.backward(g)
+    y_ref.backward(g)
+    for (name, p), q in zip(ours.body.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_cnn_body_pools_batchnormed_features_before_relu():
+    """cnn: conv-BN-pool-ReLU equals conv-BN-ReLU-pool (BN precedes both), checked on a trained-looking BN
+    with negative scales too."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    enc = Encoder("cnn", width=4, embed_dim=8, mean=0.0, std=1.0).eval()
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(-1, 1)
+            m.running_mean.uniform_(-0.5, 0.5)
+    body = list(enc.body)
+    reordered = nn.Sequential(*body[0:2], body[3], body[2], *body[4:6], body[7], body[6], *body[8:]).eval()
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(enc(x), reordered(x), rtol=0, atol=1e-6)
