@@ -97,8 +97,9 @@ class FusedWarp(nn.Module):
         crop:     r  = s * q + x0                     s = (x1 - x0) / (W - 1): box corners onto output
                                                       corners (Kornia's align_corners=True default)
 
-    and ``r`` is sampled bilinearly from the input with zero padding. The chain pads with zeros at the crop's
-    frame where this warp still sees the real image beyond it, and resamples three times (slightly blurrier).
+    and ``r`` is sampled bilinearly from the input with zero padding; the chain's zero padding at the crop's
+    and the affine's frames is reproduced by a weight (see :meth:`grid`). The chain resamples three times
+    (slightly blurrier); this warp once.
 
     The elastic field. Kornia draws uniform noise U(-1, 1) for every pixel (B x 2 x H x W numbers) and blurs
     it with a Gaussian (zero border): d = By N Bx^T per axis, By, Bx banded (H, H) and (W, W) matrices. Its
@@ -112,14 +113,15 @@ class FusedWarp(nn.Module):
     Args:
         crop, affine, elastic: configured Kornia modules, or ``None`` to leave that step out.
         size: output (H, W).
-        elastic_rank: eigen-directions per axis kept for the elastic field.
+        elastic_rank: eigen-directions per axis kept for the elastic field; ``None``: Kornia's per-pixel noise
+            and the exact blur.
 
     Shape:
         x: (B, C, H_in, W_in) float. Output: (B, C, *size).
     """
 
     def __init__(self, crop: K.RandomResizedCrop | None, affine: K.RandomAffine | None,
-                 elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int = 8):
+                 elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8):
         super().__init__()
         self.crop, self.affine, self.elastic, self.size = crop, affine, elastic, tuple(size)
         self.elastic_rank = elastic_rank
@@ -130,7 +132,9 @@ class FusedWarp(nn.Module):
         field its on/off draw (probability p) and the (B, 2, rank, rank) coefficients described above."""
         params = {name: m.forward_parameters(shape) for name, m in
                   (("crop", self.crop), ("affine", self.affine)) if m is not None}
-        if self.elastic is not None:
+        if self.elastic is not None and self.elastic_rank is None:
+            params["elastic"] = self.elastic.forward_parameters(shape)      # Kornia's per-pixel noise
+        elif self.elastic is not None:
             b, r = shape[0], min(self.elastic_rank, *self.size)
             params["elastic"] = {"batch_prob": torch.rand(b, device=device) < self.elastic.p,
                                  "coeffs": torch.randn(b, 2, r, r, device=device) * (1 / 3) ** 0.5}
@@ -138,21 +142,38 @@ class FusedWarp(nn.Module):
 
     def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
         params = self.draw(x.shape, x.device) if params is None else params
-        return F.grid_sample(x, self.grid(x, params), mode="bilinear", padding_mode="zeros", align_corners=True)
+        grid, inside = self.grid(x, params)
+        # With a crop, every read outside the image is also outside the crop's frame, where the weight already
+        # fades to black; zero padding there as well would darken the crop's edge twice (the box often touches
+        # the image border). Kornia's crop never pads: it reads inside the box.
+        padding = "border" if "crop" in params else "zeros"
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+        return y if inside is None else y * inside[:, None]
 
-    def grid(self, x: Tensor, params: dict) -> Tensor:
-        """The sampling grid: (B, H, W, 2) in grid_sample's align_corners=True units.
+    def grid(self, x: Tensor, params: dict) -> tuple[Tensor, Tensor | None]:
+        """The sampling grid (B, H, W, 2) in grid_sample's align_corners=True units, and the intermediate
+        frames' weight (B, H, W) (``None`` when there is no intermediate frame).
 
         Crop, inverse affine and the pixel -> grid-unit change compose into one (B, 3, 3) matrix M first;
-        the elastic field's alpha, pixel scale and on/off mask fold into it too: M (p + s d) = M p + (M s) d."""
+        the elastic field's alpha, pixel scale and on/off mask fold into it too: M (p + s d) = M p + (M s) d.
+
+        The weight reproduces the chain's zero padding at the frames in between: Kornia's affine reads the
+        *cropped* image, so whatever its inverse maps outside the crop's frame is black, and the elastic warp
+        likewise reads the affine's output frame. For each such intermediate coordinate t (the point q before
+        the affine, the point p' before the elastic) the weight is the share of the bilinear stencil inside the
+        frame [0, n-1] per axis, clamp(min(t + 1, n - t), 0, 1): exact for a locally constant image. Without it
+        the views show the digit beyond the crop box, a weaker crop; the one-epoch-to-four k-NN checks fell by
+        0.002-0.003 (0.9803/0.9833/0.9839 against the chain's 0.9830/0.9850/0.9866)."""
         b, _, h_in, w_in = x.shape
         h, w = self.size
         dev = x.device
-        m = torch.eye(3, device=dev).expand(b, 3, 3)                   # output pixel -> input pixel
+        eye = torch.eye(3, device=dev).expand(b, 3, 3)
+        a_inv = eye                                                     # affine output pixel -> its input pixel
         if "affine" in params:
             a = self.affine.compute_transformation(x, params["affine"], self.affine.flags).float()
             on = params["affine"]["batch_prob"].to(dev).bool()[:, None, None]
-            m = torch.where(on, torch.linalg.inv(a), m)
+            a_inv = torch.where(on, torch.linalg.inv(a), eye)
+        crop = eye                                                      # crop output pixel -> input pixel
         if "crop" in params:
             box = params["crop"]["src"].to(dev, torch.float32)          # (B, 4, 2): corners, x y
             x0, y0, x1, y1 = box[:, 0, 0], box[:, 0, 1], box[:, 2, 0], box[:, 2, 1]   # inclusive pixel box
@@ -163,18 +184,17 @@ class FusedWarp(nn.Module):
                 sx, sy = (x1 - x0 + 1) / w, (y1 - y0 + 1) / h
                 ox, oy = x0 + sx / 2 - 0.5, y0 + sy / 2 - 0.5
             zero, one = torch.zeros_like(sx), torch.ones_like(sx)
-            crop = torch.stack([sx, zero, ox, zero, sy, oy, zero, zero, one], -1)
-            m = crop.view(b, 3, 3) @ m
+            crop = torch.stack([sx, zero, ox, zero, sy, oy, zero, zero, one], -1).view(b, 3, 3)
         elif (h, w) != (h_in, w_in):
             raise ValueError(f"without a crop the output size {self.size} must equal the input's {(h_in, w_in)}")
         # pixel index -> align_corners=True grid units (-1 at pixel 0, +1 at the last pixel)
         to_grid = torch.tensor([[2 / (w_in - 1), 0, -1], [0, 2 / (h_in - 1), -1], [0, 0, 1]], device=dev)
-        m = to_grid @ m
+        m = to_grid @ crop @ a_inv                                      # output pixel -> grid units
         lin, shift = m[:, :2, :2], m[:, :2, 2]                          # (B, 2, 2), (B, 2)
-        # Every term of grid[b, h, w, k] is a sum of (function of h) * (function of w): shift_k * 1 * 1,
-        # lin_k0 * 1 * w, lin_k1 * h * 1, and the elastic field sum_ij Ly[h, i] G[i, j] Lx[w, j]. So the grid is
-        # Ybasis @ core_k @ Xbasis^T with a small per-sample core: two thin matmuls write it, instead of
-        # a pass over the (B, H, W, 2) grid per term.
+        # Every term of grid[b, k, h, w] is a sum of (function of h) * (function of w): shift_k * 1 * 1,
+        # lin_k0 * 1 * w, lin_k1 * h * 1, and the elastic field sum_ij Ly[h, i] G[i, j] Lx[w, j]. So the grid
+        # is Ybasis @ core_k @ Xbasis^T with a small per-sample core: two thin matmuls write it, instead of a
+        # pass over the (B, 2, H, W) grid per term.
         core = torch.zeros(b, 2, 2, 2, device=dev)                      # (B, k, y-basis [1, h], x-basis [1, w])
         core[:, :, 0, 0], core[:, :, 0, 1], core[:, :, 1, 0] = shift, lin[:, :, 0], lin[:, :, 1]
         ybasis = torch.stack([torch.ones(h, device=dev), torch.arange(h, device=dev, dtype=torch.float32)], 1)
@@ -193,10 +213,32 @@ class FusedWarp(nn.Module):
                                   torch.cat([core.new_zeros(b, 2, r, 2),
                                              torch.einsum("bkc,bcij->bkij", k, coeffs)], 3)], 2)
                 ybasis, xbasis = torch.cat([ybasis, ly], 1), torch.cat([xbasis, lx], 1)
-        grid = ybasis @ core @ xbasis.T                                 # (B, k, H, W)
+        grid = ybasis @ core @ xbasis.T                                 # (B, 2, H, W)
         if dense is not None:
             grid = grid + dense
-        return grid.permute(0, 2, 3, 1)                                 # (B, H, W, 2), a view
+        # The intermediate points come back from the grid by the (cheap, per-sample) inverse steps: q by
+        # undoing the crop's axis-aligned scale and offset, p' by applying the affine forwards.
+        frames = []
+        has_crop, has_affine, has_elastic = "crop" in params, "affine" in params, "elastic" in params
+        if has_crop or (has_affine and has_elastic):
+            pre = torch.linalg.inv(to_grid @ crop)                      # grid units -> crop output pixel (q)
+            q = torch.addcmul(pre[:, :2, 2, None, None], grid, torch.diagonal(pre[:, :2, :2], dim1=1, dim2=2)[..., None, None])
+            if has_crop and has_affine:
+                frames.append(q)
+            if has_elastic:                                             # p' = A q, the elastic's read point
+                a_fwd = torch.linalg.inv(a_inv)[:, :2]                  # (B, 2, 3)
+                frames.append(torch.einsum("bkc,bchw->bkhw", a_fwd[:, :, :2], q) + a_fwd[:, :, 2, None, None])
+            elif has_crop and not has_affine:
+                frames.append(q)
+        inside = None
+        for t in frames:                                                # (B, 2, H, W): x, y
+            for axis, n in ((0, w), (1, h)):
+                # clamp(min(t + 1, n - t), 0, 1) = clamp(c + 1 - |t - c|, 0, 1), c = (n - 1) / 2; scalar
+                # operands and in-place steps: broadcasting a (2,)-tensor over the maps ran 4x slower
+                c = (n - 1) / 2
+                share = t[:, axis].sub(c).abs_().neg_().add_(c + 1).clamp_(0, 1)   # (B, H, W)
+                inside = share if inside is None else inside.mul_(share)
+        return grid.permute(0, 2, 3, 1), inside                         # grid: (B, H, W, 2), a view
 
     def elastic_scale(self, params: dict, h: int, w: int, dev) -> Tensor:
         """(B, 2): alpha * (W/2, H/2) (the field is in align_corners=False grid units, the grid here in pixels),

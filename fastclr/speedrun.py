@@ -13,7 +13,7 @@ from .backend import FastclrError
 from .config import build_parser, config_from_args
 
 # The recipe (see README, "Speedrun"): overrides of fastclr.train's defaults.
-RECIPE = dict(epochs=4, tsne_points=0, pixel_knn=False, linear_probe=False)
+RECIPE = dict(epochs=5, tsne_points=0, pixel_knn=False, linear_probe=False)
 
 
 def main(argv=None) -> int:
