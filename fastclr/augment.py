@@ -220,16 +220,15 @@ class FusedWarp(nn.Module):
         # undoing the crop's axis-aligned scale and offset, p' by applying the affine forwards.
         frames = []
         has_crop, has_affine, has_elastic = "crop" in params, "affine" in params, "elastic" in params
-        if has_crop or (has_affine and has_elastic):
+        if (has_crop and has_affine) or (has_elastic and (has_crop or has_affine)):
             pre = torch.linalg.inv(to_grid @ crop)                      # grid units -> crop output pixel (q)
-            q = torch.addcmul(pre[:, :2, 2, None, None], grid, torch.diagonal(pre[:, :2, :2], dim1=1, dim2=2)[..., None, None])
+            scale = torch.diagonal(pre[:, :2, :2], dim1=1, dim2=2)      # the crop is axis-aligned
+            q = torch.addcmul(pre[:, :2, 2, None, None], grid, scale[..., None, None])
             if has_crop and has_affine:
-                frames.append(q)
+                frames.append(q)                                        # the affine reads the crop's frame
             if has_elastic:                                             # p' = A q, the elastic's read point
                 a_fwd = torch.linalg.inv(a_inv)[:, :2]                  # (B, 2, 3)
                 frames.append(torch.einsum("bkc,bchw->bkhw", a_fwd[:, :, :2], q) + a_fwd[:, :, 2, None, None])
-            elif has_crop and not has_affine:
-                frames.append(q)
         inside = None
         for t in frames:                                                # (B, 2, H, W): x, y
             for axis, n in ((0, w), (1, h)):
