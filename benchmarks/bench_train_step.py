@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastclr.augment import SimCLRAugment
-from fastclr.backend import make_runtime
+from fastclr.backend import make_runtime, resolve_amp_dtype
 from fastclr.config import TrainConfig
 from fastclr.train import build_training
 
@@ -32,7 +32,7 @@ CASES = [("tutorial", 16, 128, False), ("tutorial", 16, 128, True), ("cnn", 16, 
 @pytest.mark.parametrize("arch,width,batch,amp", CASES[:1] if QUICK else CASES)
 def test_train_step(benchmark, arch, width, batch, amp, device):
     skip_unless_device(device)
-    if amp and make_runtime(device, amp=True).amp_dtype is None:
+    if amp and resolve_amp_dtype(True, torch.device(device))[0] is None:
         pytest.skip("AMP resolves to fp32 here: this CPU has no native bf16 (see fastclr.backend)")
     benchmark.group = f"train_step-{device}"
     step = setup(arch, width, batch, device, amp)
@@ -55,7 +55,6 @@ def test_train_step_compiled(benchmark, device):
 def test_epoch(benchmark, device):
     """A full training epoch on 60,000 images (synthetic pixels): device-resident loader, fused views,
     the step; the default configuration (fastclr.config.TrainConfig, AMP as the backend resolves it)."""
-    from fastclr.config import TrainConfig
     from fastclr.data import DevicePairs
 
     skip_unless_device(device)
