@@ -11,6 +11,7 @@ device                 ``FASTCLR_DEVICE``           auto, cpu, cuda
 k-NN backend           ``FASTCLR_KNN_BACKEND``      auto, cuml, torch, sklearn
 t-SNE backend          ``FASTCLR_TSNE_BACKEND``     auto, cuml, sklearn
 linear-probe backend   ``FASTCLR_PROBE_BACKEND``    auto, torch, sklearn
+CPU kernels            ``FASTCLR_CPU_KERNELS``      1 (default: where they build), 0
 =====================  ===========================  =======================================
 """
 from __future__ import annotations
@@ -185,6 +186,7 @@ class Runtime:
     tsne_backend: str
     probe_backend: str
     fused_optimizer: bool = False  # AdamW(fused=True)
+    cpu_kernels: bool = False      # fastclr.kernels for the encoders' pool/ReLU (and the tutorial's first block)
 
     def autocast(self):
         """Autocast context for the forward pass; a no-op where AMP is off."""
@@ -208,6 +210,7 @@ class Runtime:
             "tsne_backend": self.tsne_backend,
             "probe_backend": self.probe_backend,
             "fused_optimizer": self.fused_optimizer,
+            "cpu_kernels": self.cpu_kernels,
         }
 
     def optimizer(self, params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -251,6 +254,16 @@ def set_deterministic(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
 
 
+def resolve_cpu_kernels(device: torch.device) -> bool:
+    """fastclr.kernels on a CPU device, unless ``FASTCLR_CPU_KERNELS=0`` or they cannot be built here (no C
+    compiler, not Linux: a warning, then PyTorch's layers). The first call on a machine compiles them (~1 s)."""
+    if device.type != "cpu" or os.environ.get("FASTCLR_CPU_KERNELS", "1") == "0":
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
 def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool = False,
                  knn_backend: str | None = None, tsne_backend: str | None = None,
                  probe_backend: str | None = None, deterministic: bool = False) -> Runtime:
@@ -271,6 +284,7 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
         tsne_backend=resolve_tsne_backend(tsne_backend, dev),
         probe_backend=resolve_probe_backend(probe_backend),
         fused_optimizer=fused_adamw_available(dev.type),
+        cpu_kernels=resolve_cpu_kernels(dev),
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .backend import FastclrError
 
 CHECKPOINT_FORMAT = 1
@@ -73,9 +74,39 @@ class Encoder(nn.Module):
         self.body, self.out_dim = ARCHS[arch](width, embed_dim)
         self.register_buffer("mean", torch.tensor(mean))
         self.register_buffer("std", torch.tensor(std))
+        self.cpu_kernels = False    # set by fastclr.train from the Runtime (fastclr.backend decides)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.cpu_kernels:
+            return self._forward_with_kernels(x)
         return self.body((x - self.mean) / self.std)
+
+    def _forward_with_kernels(self, x: Tensor) -> Tensor:
+        """``body`` run with fastclr.kernels where a layer pattern and its input allow, else layer by layer:
+        Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included), and
+        every later MaxPool2d(2) -> ReLU pair another. The same function (tests/test_kernels.py)."""
+        layers = list(self.body)
+        i = 0
+        if _is_pool_relu(layers, 1) and isinstance(layers[0], nn.Conv2d) \
+                and kernels.conv3x3_pool_relu_supported(x, layers[0]):
+            x, i = kernels.conv3x3_pool_relu(x, layers[0], self.hparams["mean"], self.hparams["std"]), 3
+        else:
+            x = (x - self.mean) / self.std
+        while i < len(layers):
+            if _is_pool_relu(layers, i) and kernels.pool_relu_supported(x):
+                x, i = kernels.pool_relu(x), i + 2
+            else:
+                x, i = layers[i](x), i + 1
+        return x
+
+
+def _is_pool_relu(layers: list[nn.Module], i: int) -> bool:
+    """layers[i:i + 2] is a plain 2x2 max-pool followed by a ReLU."""
+    if i + 1 >= len(layers) or not isinstance(layers[i], nn.MaxPool2d) or not isinstance(layers[i + 1], nn.ReLU):
+        return False
+    p = layers[i]
+    return (p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0))
+            and p.dilation in (1, (1, 1)) and not p.ceil_mode and not p.return_indices)
 
 
 class ProjectionHead(nn.Module):

@@ -170,6 +170,7 @@ def build_training(cfg: TrainConfig, runtime: B.Runtime, total_steps: int, world
         # keep per-rank BN statistics (see README, "Multi-GPU").
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
+    model.encoder.cpu_kernels = runtime.cpu_kernels
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)

@@ -24,5 +24,5 @@ def test_every_benchmark_module_runs_once(tmp_path):
     md = (tmp_path / "report" / "summary.md").read_text()
     # one group (at least) from each bench_*.py module
     for group in ("loss-cpu-N256", "augment-b512", "epoch-data-cpu", "train_step-cpu", "epoch-cpu", "knn-cpu",
-                  "tsne-500", "probe-cpu"):
+                  "tsne-500", "probe-cpu", "pool_relu-16x28-cpu", "first_block-cpu"):
         assert group in md, group

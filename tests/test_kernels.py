@@ -1,0 +1,154 @@
+"""fastclr.kernels against the PyTorch layers they replace: values and gradients, ties, bf16, fallbacks."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastclr import kernels
+from fastclr.backend import make_runtime, resolve_cpu_kernels
+from fastclr.model import Encoder
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
+
+
+def _with_ties(shape, dtype, seed=0):
+    """Random values with exact ties: a constant block, and a block where every value repeats."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[:, :, : shape[2] // 2, : shape[3] // 2] = 0.25
+    x[:, :, shape[2] // 2:, :] = x[:, :, shape[2] // 2:, :].round()
+    return x.to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 4, 4), (3, 32, 14, 14), (5, 64, 28, 6)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pool_relu_equals_aten_exactly(shape, dtype, channels_last):
+    """Same values and the same gradient bit for bit, ties included (the first maximum in raster order)."""
+    x = _with_ties(shape, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
+    xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = F.relu(F.max_pool2d(xr, 2))
+    out = kernels.pool_relu(xk)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.equal(out, ref)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(xk.grad, xr.grad)
+
+
+def _block_reference(x, conv, mean, std):
+    """The tutorial's first block in float64 (the truth both implementations are held to)."""
+    c = copy.deepcopy(conv).double()
+    return F.relu(F.max_pool2d(c((x.double() - mean) / std), 2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,c,h,w", [(1, 16, 28, 28), (5, 32, 8, 12), (3, 64, 28, 28)])
+def test_conv3x3_pool_relu_matches_float64(n, c, h, w):
+    """fp32 kernel vs float64 PyTorch: values to 1e-5, weight and bias gradients to 1e-4 (relative)."""
+    torch.manual_seed(0)
+    x = torch.rand(n, 1, h, w)
+    x[:, :, : h // 3] = 0                                       # background: exact ties in the pool
+    conv = torch.nn.Conv2d(1, c, 3, padding=1)
+    conv64 = copy.deepcopy(conv).double()
+    assert kernels.conv3x3_pool_relu_supported(x, conv)
+    out = kernels.conv3x3_pool_relu(x, conv, 0.1307, 0.3081)
+    ref = F.relu(F.max_pool2d(conv64((x.double() - 0.1307) / 0.3081), 2))
+    assert out.dtype == torch.float32 and out.shape == ref.shape == (n, c, h // 2, w // 2)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(g.float())
+    ref.backward(g)
+    for p, p64 in ((conv.weight, conv64.weight), (conv.bias, conv64.bias)):
+        err = (p.grad.double() - p64.grad).norm() / p64.grad.norm()
+        assert err < 1e-4, err
+
+
+@needs_kernels
+def test_conv3x3_pool_relu_bf16_autocast_is_at_least_as_accurate_as_aten():
+    """Under bf16 autocast the output is bf16 like ATen's; measured against float64, the kernel's error is
+    within bf16 rounding and no larger than ATen's (which rounds inputs and weights to bf16 first)."""
+    torch.manual_seed(1)
+    x = torch.rand(8, 1, 28, 28)
+    conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+    ref = _block_reference(x, conv, 0.1307, 0.3081)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.conv3x3_pool_relu(x, conv, 0.1307, 0.3081)
+        aten = F.relu(F.max_pool2d(conv((x - 0.1307) / 0.3081), 2))
+    assert out.dtype == aten.dtype == torch.bfloat16
+    err_k = (out.double() - ref).abs().max().item()
+    err_a = (aten.double() - ref).abs().max().item()
+    assert err_k <= ref.abs().max().item() * 2 ** -8 + 1e-6
+    assert err_k <= err_a
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch,width", [("tutorial", 16), ("cnn", 16), ("cnn", 32)])
+def test_encoder_with_kernels_equals_layers(arch, width):
+    """The whole encoder, kernels on vs off (fp32, train mode): outputs and every parameter's gradient."""
+    torch.manual_seed(0)
+    enc = Encoder(arch, width=width).to(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 28, 28)
+    x[:, :, :5] = 0
+    outs, grads = [], []
+    for on in (False, True):
+        enc.zero_grad()
+        enc.cpu_kernels = on
+        h = enc(x)
+        (h * torch.linspace(-1, 1, h.shape[1])).sum().backward()
+        outs.append(h.detach())
+        grads.append({k: p.grad.clone() for k, p in enc.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@needs_kernels
+def test_unsupported_inputs_fall_back_to_layers():
+    """Channel counts the kernels do not take, an input that needs a gradient, fp16 autocast: the layers run."""
+    conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+    x = torch.rand(2, 1, 28, 28)
+    assert not kernels.pool_relu_supported(torch.rand(2, 8, 4, 4))
+    assert not kernels.pool_relu_supported(torch.rand(2, 16, 5, 4))
+    assert not kernels.conv3x3_pool_relu_supported(x.clone().requires_grad_(), conv)
+    assert not kernels.conv3x3_pool_relu_supported(x, torch.nn.Conv2d(1, 8, 3, padding=1))
+    assert not kernels.conv3x3_pool_relu_supported(x, torch.nn.Conv2d(1, 16, 3, padding=1, bias=False))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not kernels.conv3x3_pool_relu_supported(x, conv)
+    enc = Encoder("tutorial")
+    xg = x.clone().requires_grad_()
+    ref = enc(xg)
+    enc.cpu_kernels = True
+    torch.testing.assert_close(enc(xg), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_compiler_warns_and_runtime_falls_back(monkeypatch, tmp_path):
+    """No C compiler: one warning, load() is None, the Runtime leaves the kernels off, training still works."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FASTCLR_CACHE", str(tmp_path / "cache"))
+    kernels.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built"):
+            assert kernels.load() is None
+        assert not resolve_cpu_kernels(torch.device("cpu"))
+        assert not kernels.pool_relu_supported(torch.rand(2, 16, 4, 4))
+    finally:
+        kernels.load.cache_clear()
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("FASTCLR_CPU_KERNELS", "0")
+    assert not make_runtime("cpu").cpu_kernels
+
+
+@needs_kernels
+def test_runtime_turns_kernels_on_for_cpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_runtime("cpu").cpu_kernels
