@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fastclr import kernels
 from fastclr.augment import SimCLRAugment, tutorial_batch_augment
 from fastclr.data import DevicePairs, TorchvisionPairs
 
@@ -16,14 +17,17 @@ def images(n, seed=0):
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
 
 
-@pytest.mark.parametrize("impl", ["fused", "kornia"])
+@pytest.mark.parametrize("impl", ["fused", "fused-cpu-kernels", "kornia"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_augment_per_sample(benchmark, device, impl):
-    """SimCLRAugment on both views in one call: fused (one grid_sample) against Kornia's chain of modules."""
+    """SimCLRAugment on both views in one call: fused (one grid_sample; with fastclr.kernels on CPU) against
+    Kornia's chain of modules."""
     skip_unless_device(device)
+    if impl == "fused-cpu-kernels" and (device != "cpu" or not kernels.available()):
+        pytest.skip("fastclr's CPU kernels: CPU only, and they must build here")
     benchmark.group = f"augment-b512-{device}"
     x = images(BATCH).to(device).float().div_(255)
-    aug = SimCLRAugment(impl=impl)
+    aug = SimCLRAugment(impl=impl.removesuffix("-cpu-kernels"), cpu_kernels=impl.endswith("kernels"))
     run(benchmark, lambda: aug(torch.cat([x, x])), device, rounds=20, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
 
@@ -54,7 +58,7 @@ def test_epoch_data_delivery(benchmark, loader, device):
     data = images(EPOCH_IMAGES)
     dev = torch.device(device)
     if loader == "device":
-        pairs = DevicePairs(data, 256, dev, SimCLRAugment())
+        pairs = DevicePairs(data, 256, dev, SimCLRAugment(cpu_kernels=dev.type == "cpu" and kernels.available()))
     else:
         pairs = TorchvisionPairs(data, 256, dev, workers=2)
 

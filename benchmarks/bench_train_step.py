@@ -1,4 +1,6 @@
 """One SimCLR training step (both views, fwd+bwd+AdamW) per encoder, batch and precision; and a full epoch."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,32 +12,39 @@ from fastclr.train import build_training
 from .conftest import DEVICES, QUICK, run, skip_unless_device
 
 
-def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None):
+def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None, cpu_kernels=True):
     """A zero-argument training step built as ``fastclr.train`` builds it; ``batches`` (an iterator of view
-    pairs) feeds it, else one fixed batch augmented afresh each call."""
+    pairs) feeds it, else one fixed batch augmented afresh each call. ``cpu_kernels=False`` turns
+    fastclr.kernels off (they are on wherever the backend can build them)."""
     rt = make_runtime(device, amp=amp, compile=compile)
+    if not cpu_kernels:
+        rt = dataclasses.replace(rt, cpu_kernels=False)
     cfg = TrainConfig(arch=arch, width=width, batch_size=batch, channels_last=channels_last, lr=1e-3)
     tr = build_training(cfg, rt, total_steps=10**6)
     if batches is not None:
         return lambda: tr.step(*next(batches))
-    aug = SimCLRAugment()
+    aug = SimCLRAugment(cpu_kernels=rt.cpu_kernels)
     x = torch.rand(batch, 1, 28, 28, device=rt.device)
     return lambda: tr.step(*aug(torch.cat([x, x])).chunk(2))
 
 
-# (arch, width, batch pairs, amp): the tutorial's network at its batch size in fp32 and with AMP, and the cnn
-CASES = [("tutorial", 16, 128, False), ("tutorial", 16, 128, True), ("cnn", 16, 256, False),
-         ("cnn", 32, 128, False), ("cnn", 32, 128, True)]
+# (arch, width, batch pairs, amp, kernels): the tutorial's network at its batch size in fp32 and with AMP
+# (with and without fastclr.kernels), and the cnn
+CASES = [("tutorial", 16, 128, False, True), ("tutorial", 16, 128, True, True), ("tutorial", 16, 128, True, False),
+         ("cnn", 16, 256, False, True), ("cnn", 32, 128, False, True), ("cnn", 32, 128, True, True),
+         ("cnn", 32, 128, True, False)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch,width,batch,amp", CASES[:1] if QUICK else CASES)
-def test_train_step(benchmark, arch, width, batch, amp, device):
+@pytest.mark.parametrize("arch,width,batch,amp,kernels", CASES[:1] if QUICK else CASES)
+def test_train_step(benchmark, arch, width, batch, amp, kernels, device):
     skip_unless_device(device)
     if amp and resolve_amp_dtype(True, torch.device(device))[0] is None:
         pytest.skip("AMP resolves to fp32 here: this CPU has no native bf16 (see fastclr.backend)")
+    if not kernels and device != "cpu":
+        pytest.skip("fastclr.kernels are CPU-only: nothing to turn off")
     benchmark.group = f"train_step-{device}"
-    step = setup(arch, width, batch, device, amp)
+    step = setup(arch, width, batch, device, amp, cpu_kernels=kernels)
     run(benchmark, step, device, rounds=10, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * batch / benchmark.stats.stats.mean
 
@@ -62,7 +71,8 @@ def test_epoch(benchmark, device):
     cfg = TrainConfig()
     n = 1024 if QUICK else 60000
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
-    pairs = DevicePairs(images, cfg.batch_size, torch.device(device), SimCLRAugment(), seed=0)
+    rt = make_runtime(device, amp=cfg.amp)
+    pairs = DevicePairs(images, cfg.batch_size, torch.device(device), SimCLRAugment(cpu_kernels=rt.cpu_kernels), seed=0)
     steps = len(pairs)
 
     def epoch():

@@ -16,11 +16,15 @@ Two implementations of the same random views (``SimCLRAugment(impl=...)``):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 from kornia.filters.kernels import get_gaussian_kernel1d
 from torch import Tensor, nn
+
+from . import kernels
 
 
 class SimCLRAugment(nn.Module):
@@ -46,6 +50,8 @@ class SimCLRAugment(nn.Module):
         elastic_p: probability of a Kornia elastic deformation (Simard et al. 2003's digit augmentation).
         impl: ``"fused"`` (one ``grid_sample`` for crop + affine + elastic) or ``"kornia"`` (Kornia's modules
             one after another, the reference); both draw their parameters from the same Kornia modules.
+        cpu_kernels: on CPU, run the fused warp's resampling with ``fastclr.kernels.warp_sample`` (the Runtime
+            decides, see ``fastclr.backend``); the same output as the PyTorch ops to float rounding.
 
     Shape:
         x: (B, C, H, W) float in [0, 1] on any device. Output: (B, C, *size), same dtype and device, in [0, 1].
@@ -54,7 +60,8 @@ class SimCLRAugment(nn.Module):
     def __init__(self, size: tuple[int, int] = (28, 28), crop_scale: tuple[float, float] | None = (0.6, 1.0),
                  crop_ratio: tuple[float, float] = (0.75, 1.333), degrees: float = 15.0, translate: float = 0.1,
                  scale: tuple[float, float] = (0.9, 1.1), shear: float = 10.0, erase_p: float = 0.0,
-                 blur_p: float = 0.0, thickness_p: float = 0.5, elastic_p: float = 0.8, impl: str = "fused"):
+                 blur_p: float = 0.0, thickness_p: float = 0.5, elastic_p: float = 0.8, impl: str = "fused",
+                 cpu_kernels: bool = False):
         super().__init__()
         if impl not in ("fused", "kornia"):
             raise ValueError(f"impl must be 'fused' or 'kornia', got {impl!r}")
@@ -67,9 +74,9 @@ class SimCLRAugment(nn.Module):
         elastic = K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(0.5, 0.5), p=elastic_p) \
             if elastic_p > 0 else None
         geometric = [m for m in (crop, affine, elastic) if m is not None]
-        ops: list[nn.Module] = [RandomThickness(thickness_p)] if thickness_p > 0 else []
+        ops: list[nn.Module] = [RandomThickness(thickness_p, cpu_kernels)] if thickness_p > 0 else []
         if impl == "fused" and geometric:
-            ops.append(FusedWarp(crop, affine, elastic, size))
+            ops.append(FusedWarp(crop, affine, elastic, size, cpu_kernel=cpu_kernels))
         else:
             ops.extend(geometric)
         if blur_p > 0:
@@ -83,6 +90,21 @@ class SimCLRAugment(nn.Module):
         dtype = x.dtype
         y = self.ops(x.float()) if dtype != torch.float32 else self.ops(x)
         return y.clamp_(0.0, 1.0).to(dtype)
+
+
+@dataclasses.dataclass
+class WarpPlan:
+    """FusedWarp's per-sample description of one batch's warp (see :meth:`FusedWarp.plan`).
+
+    grid = ybasis @ core @ xbasis^T (+ dense); frame f's point t = frames[:, f, :, :2] @ grid + frames[:, f, :, 2].
+    Shapes: core (B, 2, R, R), ybasis (H, R), xbasis (W, R), frames (B, NF, 2, 3), dense (B, 2, H, W) or None.
+    """
+
+    core: Tensor
+    ybasis: Tensor
+    xbasis: Tensor
+    frames: Tensor
+    dense: Tensor | None
 
 
 class FusedWarp(nn.Module):
@@ -121,10 +143,12 @@ class FusedWarp(nn.Module):
     """
 
     def __init__(self, crop: K.RandomResizedCrop | None, affine: K.RandomAffine | None,
-                 elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8):
+                 elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8,
+                 cpu_kernel: bool = False):
         super().__init__()
         self.crop, self.affine, self.elastic, self.size = crop, affine, elastic, tuple(size)
         self.elastic_rank = elastic_rank
+        self.cpu_kernel = cpu_kernel
         self._factors: dict = {}
 
     def draw(self, shape: torch.Size, device: torch.device | str = "cpu") -> dict:
@@ -142,17 +166,42 @@ class FusedWarp(nn.Module):
 
     def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
         params = self.draw(x.shape, x.device) if params is None else params
-        grid, inside = self.grid(x, params)
+        plan = self.plan(x, params)
         # With a crop, every read outside the image is also outside the crop's frame, where the weight already
         # fades to black; zero padding there as well would darken the crop's edge twice (the box often touches
         # the image border). Kornia's crop never pads: it reads inside the box.
-        padding = "border" if "crop" in params else "zeros"
-        y = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+        border = "crop" in params
+        if self.cpu_kernel and plan.dense is None and kernels.warp_sample_supported(x):
+            return kernels.warp_sample(x, plan.core, plan.ybasis, plan.xbasis, plan.frames, self.size, border)
+        grid, inside = self.maps(plan)
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border" if border else "zeros", align_corners=True)
         return y if inside is None else y * inside[:, None]
 
     def grid(self, x: Tensor, params: dict) -> tuple[Tensor, Tensor | None]:
-        """The sampling grid (B, H, W, 2) in grid_sample's align_corners=True units, and the intermediate
-        frames' weight (B, H, W) (``None`` when there is no intermediate frame).
+        """The sampling grid (B, H, W, 2) in grid_sample's align_corners=True units and the frames' weight
+        (B, H, W) (``None`` without intermediate frames); see :meth:`plan` and :meth:`maps`."""
+        return self.maps(self.plan(x, params))
+
+    def maps(self, plan: "WarpPlan") -> tuple[Tensor, Tensor | None]:
+        """The plan's grid (B, H, W, 2) and frame weight (B, H, W), with PyTorch ops (any device)."""
+        grid = plan.ybasis @ plan.core @ plan.xbasis.T                  # (B, 2, H, W)
+        if plan.dense is not None:
+            grid = grid + plan.dense
+        inside = None
+        h, w = self.size
+        for f in range(plan.frames.shape[1]):                           # t = F[:, :2] grid + F[:, 2], (B, 2, H, W)
+            fr = plan.frames[:, f]
+            t = torch.einsum("bkc,bchw->bkhw", fr[:, :, :2], grid).add_(fr[:, :, 2, None, None])
+            for axis, n in ((0, w), (1, h)):
+                # clamp(min(t + 1, n - t), 0, 1) = clamp(c + 1 - |t - c|, 0, 1), c = (n - 1) / 2; scalar
+                # operands and in-place steps: broadcasting a (2,)-tensor over the maps ran 4x slower
+                c = (n - 1) / 2
+                share = t[:, axis].sub(c).abs_().neg_().add_(c + 1).clamp_(0, 1)   # (B, H, W)
+                inside = share if inside is None else inside.mul_(share)
+        return grid.permute(0, 2, 3, 1), inside                         # grid: (B, H, W, 2), a view
+
+    def plan(self, x: Tensor, params: dict) -> "WarpPlan":
+        """The warp as small per-sample matrices: the grid's low-rank core and the frames' affine maps.
 
         Crop, inverse affine and the pixel -> grid-unit change compose into one (B, 3, 3) matrix M first;
         the elastic field's alpha, pixel scale and on/off mask fold into it too: M (p + s d) = M p + (M s) d.
@@ -213,31 +262,18 @@ class FusedWarp(nn.Module):
                                   torch.cat([core.new_zeros(b, 2, r, 2),
                                              torch.einsum("bkc,bcij->bkij", k, coeffs)], 3)], 2)
                 ybasis, xbasis = torch.cat([ybasis, ly], 1), torch.cat([xbasis, lx], 1)
-        grid = ybasis @ core @ xbasis.T                                 # (B, 2, H, W)
-        if dense is not None:
-            grid = grid + dense
-        # The intermediate points come back from the grid by the (cheap, per-sample) inverse steps: q by
-        # undoing the crop's axis-aligned scale and offset, p' by applying the affine forwards.
+        # The intermediate points are affine in the grid, per sample: q undoes the crop's axis-aligned scale and
+        # offset, p' = A q applies the affine forwards. Frames as (B, NF, 2, 3): t = F[:, :2] grid + F[:, 2].
         frames = []
         has_crop, has_affine, has_elastic = "crop" in params, "affine" in params, "elastic" in params
         if (has_crop and has_affine) or (has_elastic and (has_crop or has_affine)):
             pre = torch.linalg.inv(to_grid @ crop)                      # grid units -> crop output pixel (q)
-            scale = torch.diagonal(pre[:, :2, :2], dim1=1, dim2=2)      # the crop is axis-aligned
-            q = torch.addcmul(pre[:, :2, 2, None, None], grid, scale[..., None, None])
             if has_crop and has_affine:
-                frames.append(q)                                        # the affine reads the crop's frame
+                frames.append(pre[:, :2])                               # the affine reads the crop's frame
             if has_elastic:                                             # p' = A q, the elastic's read point
-                a_fwd = torch.linalg.inv(a_inv)[:, :2]                  # (B, 2, 3)
-                frames.append(torch.einsum("bkc,bchw->bkhw", a_fwd[:, :, :2], q) + a_fwd[:, :, 2, None, None])
-        inside = None
-        for t in frames:                                                # (B, 2, H, W): x, y
-            for axis, n in ((0, w), (1, h)):
-                # clamp(min(t + 1, n - t), 0, 1) = clamp(c + 1 - |t - c|, 0, 1), c = (n - 1) / 2; scalar
-                # operands and in-place steps: broadcasting a (2,)-tensor over the maps ran 4x slower
-                c = (n - 1) / 2
-                share = t[:, axis].sub(c).abs_().neg_().add_(c + 1).clamp_(0, 1)   # (B, H, W)
-                inside = share if inside is None else inside.mul_(share)
-        return grid.permute(0, 2, 3, 1), inside                         # grid: (B, H, W, 2), a view
+                frames.append((torch.linalg.inv(a_inv) @ pre)[:, :2])
+        frames = torch.stack(frames, 1) if frames else core.new_zeros(b, 0, 2, 3)
+        return WarpPlan(core, ybasis, xbasis, frames, dense)
 
     def elastic_scale(self, params: dict, h: int, w: int, dev) -> Tensor:
         """(B, 2): alpha * (W/2, H/2) (the field is in align_corners=False grid units, the grid here in pixels),
@@ -293,16 +329,19 @@ def _max3x3(x: Tensor) -> Tensor:
 
 class RandomThickness(nn.Module):
     """Per-sample stroke thickness: with probability p a sample is dilated or eroded (equally likely) by a
-    3x3 grey-level max / min filter. Whole-batch filters and a select: no per-sample loop."""
+    3x3 grey-level max / min filter. Whole-batch filters and a select: no per-sample loop. ``cpu_kernel``:
+    on CPU, ``fastclr.kernels.thickness`` filters only the chosen samples, in one pass (the same values)."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, cpu_kernel: bool = False):
         super().__init__()
-        self.p = p
+        self.p, self.cpu_kernel = p, cpu_kernel
 
     def forward(self, x: Tensor) -> Tensor:
         u = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
         # one max filter for both: erosion is -dilate(-x), so filter sign * x with sign -1 for the eroded samples
         sign = torch.where(u < self.p / 2, 1.0, -1.0)
+        if self.cpu_kernel and kernels.warp_sample_supported(x) and x.shape[-1] <= 256:
+            return kernels.thickness(x, torch.where(u < self.p, sign, 0.0).view(-1))
         return torch.where(u < self.p, sign * _max3x3(sign * x), x)
 
 

@@ -158,18 +158,26 @@ def to_float(images: Tensor) -> Tensor:
 class DevicePairs:
     """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
 
+    Views are made for ``block_views`` images at a time (16 batches of 128 pairs by default) and handed out
+    batch by batch. Why: a call's fixed cost (Kornia drawing parameters, building the warp's matrices: a few
+    hundred small ops) is paid once per block instead of once per step; parameters are still drawn per
+    sample. Each block's randomness comes from its own seed (the epoch's seed from ``generator``, plus the
+    block's first batch), so a run resumed mid-epoch makes exactly the views it would have made.
+
     Args:
         images: (N, 1, H, W) uint8 on any device.
         augment: a module mapping a float (B, 1, H, W) batch to an augmented one (e.g. SimCLRAugment).
         rank, world_size: this process's shard of every epoch's permutation (DDP); drop-last.
+        block_views: views per augmentation call (both views of block_views / 2 images).
     """
 
     def __init__(self, images: Tensor, batch_size: int, device: torch.device, augment, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, block_views: int = 4096):
         # uint8 on the device: 4x smaller than float and the conversion fuses with the gather
         self.images = images.to(device, non_blocking=True)
         self.batch_size, self.device, self.augment = batch_size, device, augment
         self.rank, self.world_size = rank, world_size
+        self.block = max(1, block_views // (2 * batch_size))            # batches per augmentation call
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
@@ -187,12 +195,18 @@ class DevicePairs:
 
     def iterate(self, start_batch: int = 0):
         """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
-        for idx in self.epoch_indices().split(self.batch_size)[start_batch:]:
-            x = to_float(self.images[idx])                   # gather + convert on the device
-            # both views in ONE augmentation call of 2B samples: parameters are still drawn per sample, and
-            # the fixed per-call cost (parameter sampling, kernel launches) is paid once instead of twice
-            v1, v2 = self.augment(torch.cat([x, x])).chunk(2)
-            yield v1, v2
+        batches = self.epoch_indices().split(self.batch_size)
+        epoch_seed = int(torch.randint(2**62, (1,), generator=self.generator, device=self.device))
+        for first in range(start_batch - start_batch % self.block, len(batches), self.block):
+            block = batches[first: first + self.block]
+            x = to_float(self.images[torch.cat(block)])             # gather + convert on the device
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(epoch_seed + first)
+                # both views in ONE call: the first half of the output is every image's first view
+                v1, v2 = self.augment(torch.cat([x, x])).chunk(2)
+            for i in range(max(0, start_batch - first), len(block)):
+                rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                yield v1[rows], v2[rows]
 
 
 class _TwoViewDataset(torch.utils.data.Dataset):

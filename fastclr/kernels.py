@@ -1,15 +1,19 @@
-"""Hand-written CPU kernels for the encoders' memory-bound layers, compiled on first use.
+"""Hand-written CPU kernels for the memory-bound and op-bound parts of a CPU training step, compiled on first use.
 
-Two operations, each an autograd Function over a C kernel (``fastclr/csrc/cpu_kernels.c``):
+C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is tested against
+(``tests/test_kernels.py``):
 
-* :func:`pool_relu`: 2x2 max-pool then ReLU (both encoders). The same function and gradient as
+* :func:`pool_relu` (autograd): 2x2 max-pool then ReLU (both encoders). The same function and gradient as
   ``F.relu(F.max_pool2d(x, 2))``, ties included (the first maximum in raster order).
-* :func:`conv3x3_pool_relu`: the tutorial network's first block, a 3x3 conv with one input channel on the
-  normalised image, then the pool and the ReLU, without writing the full-resolution conv output.
+* :func:`conv3x3_pool_relu` (autograd): the tutorial network's first block, a 3x3 conv with one input channel
+  on the normalised image, then the pool and the ReLU, without writing the full-resolution conv output.
+* :func:`warp_sample`: ``fastclr.augment.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
+* :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 
-Why they are faster than ATen (the file's header says how): one pass each way, uint8 window indices, ReLU
-folded in. Measured on the 2-core dev CPU, batch 256, bf16, forward + backward: the first block 1.0 against
-4.0 ms, the (256, 32, 14, 14) pool 0.55 against 1.05 ms (``benchmarks/bench_kernels.py``).
+Why they are faster than ATen (the C file's header says how): one pass each way, uint8 window indices, ReLU
+folded in, no intermediate maps. Measured on the 2-core dev CPU, batch 256, bf16, forward + backward: the
+first block 1.17 against 3.95 ms, the (256, 32, 14, 14) pool 0.37 against 0.88 ms (medians,
+``benchmarks/bench_kernels.py``).
 
 The kernels are built once per machine with the system C compiler (``$CC``, default ``cc``; ~1 s) into
 ``$FASTCLR_CACHE`` (default ``~/.cache/fastclr``), keyed by the source and the CPU. Where that fails (no
@@ -75,7 +79,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pool_relu_bwd.argtypes = [P, I, P, I, P, I, I, I, I, P, I]
     lib.conv1_pool_relu_fwd.argtypes = [P, I, I, I, P, P, I, F, F, P, I, P]
     lib.conv1_pool_relu_bwd.argtypes = [P, I, I, I, I, F, F, P, I, P, I, P, P, P, I]
-    lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = None
+    lib.warp_sample.argtypes = [P, I, I, I, I, I, P, I, P, P, P, I, F, F, I, P]
+    lib.thickness.argtypes = [P, I, I, I, P, P]
+    lib.thickness.restype = None
+    lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = None
     lib.conv1_pool_relu_fwd.restype = lib.conv1_pool_relu_bwd.restype = ctypes.c_int
     return lib
 
@@ -238,3 +245,45 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
     """``relu(max_pool2d(conv((x - mean) / std), 2))`` for (N, 1, H, W) -> (N, C, H/2, W/2) (channels_last);
     bf16 inside a bf16 autocast region, else f32. Check :func:`conv3x3_pool_relu_supported` first."""
     return _ConvPoolReLU.apply(x, conv.weight, conv.bias, float(mean), float(std), _autocast_bf16())
+
+
+# --------------------------------------------------------------------------- FusedWarp's resampling
+
+def warp_sample_supported(x: Tensor) -> bool:
+    """The warp kernel takes CPU f32 (B, 1, H, W) images (no gradient: views are inputs)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
+            and not x.requires_grad and x.shape[0] > 0 and available())
+
+
+def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames: Tensor,
+                size: tuple[int, int], border: bool) -> Tensor:
+    """``fastclr.augment.FusedWarp``'s grid, frame weight and bilinear ``grid_sample`` (align_corners=True) in
+    one pass: the grid is built row by row from its low-rank core and never stored. Shapes as in
+    ``fastclr.augment.WarpPlan``; x (B, 1, H_in, W_in) -> (B, 1, *size)."""
+    b, _, h_in, w_in = x.shape
+    h, w = size
+    r = core.shape[-1]
+    if r > 32 or w > 256:
+        raise ValueError(f"warp_sample takes rank <= 32 and width <= 256, got {r} and {w}")
+    x = x.contiguous()
+    core, ybasis = core.float().contiguous(), ybasis.float().contiguous()
+    xbasis_t = xbasis.new_zeros(r, (w + 15) // 16 * 16)                 # (R, W) zero-padded to whole vectors
+    xbasis_t[:, :w] = xbasis.t()
+    frames = frames.float().contiguous()
+    out = torch.empty(b, 1, h, w)
+    load().warp_sample(x.data_ptr(), b, h_in, w_in, h, w, core.data_ptr(), r, ybasis.data_ptr(), xbasis_t.data_ptr(),
+                       frames.data_ptr(), frames.shape[1], (w - 1) / 2, (h - 1) / 2, int(border), out.data_ptr())
+    return out
+
+
+def thickness(x: Tensor, sign: Tensor) -> Tensor:
+    """RandomThickness's filter: per sample ``sign * max3x3(sign * x)`` (sign +1 dilates, -1 erodes, 0 keeps x),
+    edges replicated. x (B, 1, H, W) f32 CPU with W <= 256 (check :func:`warp_sample_supported`), sign (B,)."""
+    b, _, h, w = x.shape
+    if w > 256:
+        raise ValueError(f"thickness takes width <= 256, got {w}")
+    x = x.contiguous()
+    sign = sign.float().contiguous()
+    out = torch.empty_like(x)
+    load().thickness(x.data_ptr(), b, h, w, sign.data_ptr(), out.data_ptr())
+    return out

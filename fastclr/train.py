@@ -241,7 +241,7 @@ def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Di
     if cfg.loader == "device":
         augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
                                 erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
-                                impl=cfg.aug_impl) \
+                                impl=cfg.aug_impl, cpu_kernels=runtime.cpu_kernels) \
             if cfg.aug else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)

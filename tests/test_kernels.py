@@ -152,3 +152,80 @@ def test_runtime_turns_kernels_on_for_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_runtime("cpu").cpu_kernels
+
+
+# --------------------------------------------------------------------------- augmentation kernels
+
+def _warps():
+    """FusedWarp configurations: every frame combination, both padding modes, a non-square resize."""
+    import kornia.augmentation as K
+
+    from fastclr.augment import FusedWarp
+
+    crop = lambda size: K.RandomResizedCrop(size, scale=(0.6, 1.0))      # noqa: E731
+    affine = K.RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10, p=1.0)
+    elastic = K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=0.8)
+    return {"all": FusedWarp(crop((28, 28)), affine, elastic, (28, 28)),
+            "no-crop (zero padding)": FusedWarp(None, affine, elastic, (28, 28)),
+            "crop+affine": FusedWarp(crop((28, 28)), affine, None, (28, 28)),
+            "crop+elastic": FusedWarp(crop((28, 28)), None, elastic, (28, 28)),
+            "resize to 20x36": FusedWarp(crop((20, 36)), affine, elastic, (20, 36))}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(_warps()))
+def test_warp_sample_equals_fused_warps_pytorch_ops(name):
+    """The same plan through the kernel and through grid + weight + grid_sample: equal to 1e-5."""
+    fw = _warps()[name]
+    torch.manual_seed(0)
+    x = torch.rand(37, 1, 28, 28)
+    params = fw.draw(x.shape)
+    fw.cpu_kernel = False
+    ref = fw(x, params)
+    fw.cpu_kernel = True
+    out = fw(x, params)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_warp_with_kornias_dense_noise_uses_pytorch_ops():
+    """The exact (per-pixel noise) elastic field has no low-rank core: FusedWarp keeps PyTorch's ops."""
+    import kornia.augmentation as K
+
+    from fastclr.augment import FusedWarp
+
+    fw = FusedWarp(None, None, K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=1.0), (28, 28),
+                   elastic_rank=None, cpu_kernel=True)
+    x = torch.rand(4, 1, 28, 28)
+    params = fw.draw(x.shape)
+    grid, inside = fw.grid(x, params)
+    torch.testing.assert_close(fw(x, params), F.grid_sample(x, grid, align_corners=True))
+
+
+@needs_kernels
+@pytest.mark.parametrize("p", [0.5, 1.0])
+@pytest.mark.parametrize("hw", [(28, 28), (5, 33)])
+def test_thickness_kernel_equals_max_filter_exactly(p, hw):
+    from fastclr.augment import RandomThickness
+
+    x = torch.rand(50, 1, *hw)
+    x[:, :, : hw[0] // 2] = 0
+    torch.manual_seed(3)
+    ref = RandomThickness(p)(x)
+    torch.manual_seed(3)
+    out = RandomThickness(p, cpu_kernel=True)(x)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, x)
+
+
+@needs_kernels
+def test_simclr_augment_with_kernels_matches_pytorch_ops():
+    from fastclr.augment import SimCLRAugment
+
+    x = torch.rand(64, 1, 28, 28)
+    torch.manual_seed(7)
+    ref = SimCLRAugment()(x)
+    torch.manual_seed(7)
+    out = SimCLRAugment(cpu_kernels=True)(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)

@@ -18,6 +18,10 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
@@ -188,4 +192,122 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
         }
     }
     return 0;
+}
+
+/* FusedWarp's resampling (fastclr/augment.py) for 1-channel images: the sampling grid from its low-rank
+ * form, the frame weight, and bilinear sampling (align_corners=True), in one pass per output row.
+ *   grid_k[h, w] = sum_ij ybasis[h, i] core[b, k, i, j] xbasis[w, j]          k = 0 (x), 1 (y); grid units
+ *   frame f point t = F[b, f, :, :2] @ grid + F[b, f, :, 2];   weight = prod over f and axes of
+ *                     clamp(c + 1 - |t - c|, 0, 1), c = (n - 1) / 2 (cx for x, cy for y)
+ *   out[b, h, w] = bilinear(x[b], grid) * weight     (border: coordinates clipped to the image; else zeros)
+ * x (B, Hin, Win); core (B, 2, R, R); ybasis (H, R); xbasis_t (R, WP) transposed, zero-padded to WP = W rounded
+ * up to a multiple of 16 (whole vectors: no scalar remainder loops); frames (B, NF, 2, 3); out (B, H, W). */
+#define MAX_R 32
+#define MAX_W 256
+void warp_sample(const float* x, int B, int Hin, int Win, int H, int W, const float* core, int R,
+                 const float* ybasis, const float* xbasis_t, const float* frames, int NF, float cx, float cy,
+                 int border, float* out) {
+    #pragma omp parallel for schedule(static)
+    for (long bh = 0; bh < (long)B * H; bh++) {
+        long b = bh / H; int h = (int)(bh % H);
+        const float* img = x + b * Hin * Win;
+        const float* cb = core + b * 2 * R * R;
+        int WP = (W + 15) & ~15;
+        float row[2][MAX_R], gx[MAX_W], gy[MAX_W], wt[MAX_W];
+        for (int k = 0; k < 2; k++) {                    /* row_k[j] = sum_i ybasis[h, i] core[k, i, j] */
+            for (int j = 0; j < R; j++) row[k][j] = 0.f;
+            for (int i = 0; i < R; i++) {
+                float yv = ybasis[h * R + i];
+                const float* c = cb + (k * R + i) * R;
+                for (int j = 0; j < R; j++) row[k][j] += yv * c[j];
+            }
+        }
+        for (int w = 0; w < WP; w++) { gx[w] = 0.f; gy[w] = 0.f; wt[w] = 1.f; }
+        for (int j = 0; j < R; j++) {                    /* w innermost: contiguous, vectorised */
+            const float* xt = xbasis_t + j * WP;
+            float r0 = row[0][j], r1 = row[1][j];
+            for (int w = 0; w < WP; w++) { gx[w] += r0 * xt[w]; gy[w] += r1 * xt[w]; }
+        }
+        for (int f = 0; f < NF; f++) {
+            const float* F = frames + (b * NF + f) * 6;
+            for (int w = 0; w < WP; w++) {
+                float tx = F[0] * gx[w] + F[1] * gy[w] + F[2], ty = F[3] * gx[w] + F[4] * gy[w] + F[5];
+                float ax = cx + 1.f - __builtin_fabsf(tx - cx), ay = cy + 1.f - __builtin_fabsf(ty - cy);
+                ax = ax < 0.f ? 0.f : (ax > 1.f ? 1.f : ax);
+                ay = ay < 0.f ? 0.f : (ay > 1.f ? 1.f : ay);
+                wt[w] *= ax * ay;
+            }
+        }
+        float* o = out + bh * W;
+        float lox = border ? 0.f : -2.f, hix = border ? (float)(Win - 1) : (float)Win + 1.f;   /* clip: border */
+        float loy = border ? 0.f : -2.f, hiy = border ? (float)(Hin - 1) : (float)Hin + 1.f;   /* or far outside */
+        int w = 0;
+#ifdef __AVX512F__
+        /* 16 pixels at a time: four gathers per vector (the auto-vectoriser leaves this loop scalar) */
+        for (; w < W; w += 16) {
+            __mmask16 live = W - w >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - w)) - 1);
+            __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+            __m512 ix = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(live, gx + w), one), _mm512_set1_ps(0.5f * (float)(Win - 1)));
+            __m512 iy = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(live, gy + w), one), _mm512_set1_ps(0.5f * (float)(Hin - 1)));
+            ix = _mm512_min_ps(_mm512_max_ps(ix, _mm512_set1_ps(lox)), _mm512_set1_ps(hix));
+            iy = _mm512_min_ps(_mm512_max_ps(iy, _mm512_set1_ps(loy)), _mm512_set1_ps(hiy));
+            __m512 fx = _mm512_roundscale_ps(ix, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            __m512 fy = _mm512_roundscale_ps(iy, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            __m512 ex = _mm512_sub_ps(ix, fx), ey = _mm512_sub_ps(iy, fy);
+            __m512i x0 = _mm512_cvttps_epi32(fx), y0 = _mm512_cvttps_epi32(fy);
+            __m512i i1 = _mm512_set1_epi32(1), x1 = _mm512_add_epi32(x0, i1), y1 = _mm512_add_epi32(y0, i1);
+            __m512i zi = _mm512_setzero_si512(), wmax = _mm512_set1_epi32(Win - 1), hmax = _mm512_set1_epi32(Hin - 1);
+            __mmask16 vx0 = _mm512_cmpge_epi32_mask(x0, zi) & _mm512_cmple_epi32_mask(x0, wmax);
+            __mmask16 vx1 = _mm512_cmpge_epi32_mask(x1, zi) & _mm512_cmple_epi32_mask(x1, wmax);
+            __mmask16 vy0 = _mm512_cmpge_epi32_mask(y0, zi) & _mm512_cmple_epi32_mask(y0, hmax);
+            __mmask16 vy1 = _mm512_cmpge_epi32_mask(y1, zi) & _mm512_cmple_epi32_mask(y1, hmax);
+            __m512i win = _mm512_set1_epi32(Win);
+            __m512i r0 = _mm512_mullo_epi32(y0, win), r1 = _mm512_mullo_epi32(y1, win);
+            __m512 p00 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx0, _mm512_add_epi32(r0, x0), img, 4);
+            __m512 p01 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx1, _mm512_add_epi32(r0, x1), img, 4);
+            __m512 p10 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx0, _mm512_add_epi32(r1, x0), img, 4);
+            __m512 p11 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx1, _mm512_add_epi32(r1, x1), img, 4);
+            __m512 top = _mm512_fmadd_ps(ex, _mm512_sub_ps(p01, p00), p00);     /* (1 - ex) p00 + ex p01 */
+            __m512 bot = _mm512_fmadd_ps(ex, _mm512_sub_ps(p11, p10), p10);
+            __m512 v = _mm512_fmadd_ps(ey, _mm512_sub_ps(bot, top), top);
+            _mm512_mask_storeu_ps(o + w, live, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, wt + w)));
+        }
+#endif
+        for (; w < W; w++) {
+            float ix = fminf(fmaxf((gx[w] + 1.f) * 0.5f * (float)(Win - 1), lox), hix);
+            float iy = fminf(fmaxf((gy[w] + 1.f) * 0.5f * (float)(Hin - 1), loy), hiy);
+            float fx = floorf(ix), fy = floorf(iy);
+            int x0 = (int)fx, y0 = (int)fy, x1 = x0 + 1, y1 = y0 + 1;
+            float ex = ix - fx, ey = iy - fy;
+            float p00 = (y0 >= 0 && y0 < Hin && x0 >= 0 && x0 < Win) ? img[y0 * Win + x0] : 0.f;
+            float p01 = (y0 >= 0 && y0 < Hin && x1 >= 0 && x1 < Win) ? img[y0 * Win + x1] : 0.f;
+            float p10 = (y1 >= 0 && y1 < Hin && x0 >= 0 && x0 < Win) ? img[y1 * Win + x0] : 0.f;
+            float p11 = (y1 >= 0 && y1 < Hin && x1 >= 0 && x1 < Win) ? img[y1 * Win + x1] : 0.f;
+            float top = p00 + ex * (p01 - p00), bot = p10 + ex * (p11 - p10);
+            o[w] = (top + ey * (bot - top)) * wt[w];
+        }
+    }
+}
+
+/* RandomThickness (fastclr/augment.py): per sample, s = +1 dilates (3x3 max filter), s = -1 erodes
+ * (-max(-x)), s = 0 copies; edges replicate (a max over the in-bounds neighbours). x, out (B, H, W). */
+void thickness(const float* x, int B, int H, int W, const float* s, float* out) {
+    #pragma omp parallel for schedule(static)
+    for (long bh = 0; bh < (long)B * H; bh++) {
+        long b = bh / H; int h = (int)(bh % H);
+        const float* img = x + b * H * W;
+        float* o = out + bh * W;
+        float sg = s[b], r[MAX_W];
+        if (sg == 0.f) { memcpy(o, img + h * W, sizeof(float) * W); continue; }
+        int h0 = h > 0 ? h - 1 : 0, h1 = h < H - 1 ? h + 1 : H - 1;
+        for (int w = 0; w < W; w++) r[w] = sg * img[h0 * W + w];           /* vertical max of s * x */
+        for (int y = h0 + 1; y <= h1; y++)
+            for (int w = 0; w < W; w++) r[w] = fmaxf(r[w], sg * img[y * W + w]);
+        for (int w = 0; w < W; w++) {                                       /* horizontal max */
+            float m = r[w];
+            if (w > 0) m = fmaxf(m, r[w - 1]);
+            if (w < W - 1) m = fmaxf(m, r[w + 1]);
+            o[w] = sg * m;
+        }
+    }
 }
