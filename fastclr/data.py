@@ -158,8 +158,8 @@ def to_float(images: Tensor) -> Tensor:
 class DevicePairs:
     """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
 
-    Views are made for ``block_views`` images at a time (16 batches of 128 pairs by default) and handed out
-    batch by batch. Why: a call's fixed cost (Kornia drawing parameters, building the warp's matrices: a few
+    Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the fused
+    SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's fixed cost (Kornia drawing parameters, building the warp's matrices: a few
     hundred small ops) is paid once per block instead of once per step; parameters are still drawn per
     sample. Each block's randomness comes from its own seed (the epoch's seed from ``generator``, plus the
     block's first batch), so a run resumed mid-epoch makes exactly the views it would have made.
@@ -168,15 +168,16 @@ class DevicePairs:
         images: (N, 1, H, W) uint8 on any device.
         augment: a module mapping a float (B, 1, H, W) batch to an augmented one (e.g. SimCLRAugment).
         rank, world_size: this process's shard of every epoch's permutation (DDP); drop-last.
-        block_views: views per augmentation call (both views of block_views / 2 images).
+        block_views: views per augmentation call (both views of block_views / 2 images); None: as above.
     """
 
     def __init__(self, images: Tensor, batch_size: int, device: torch.device, augment, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, block_views: int = 4096):
+                 rank: int = 0, world_size: int = 1, block_views: int | None = None):
         # uint8 on the device: 4x smaller than float and the conversion fuses with the gather
         self.images = images.to(device, non_blocking=True)
         self.batch_size, self.device, self.augment = batch_size, device, augment
         self.rank, self.world_size = rank, world_size
+        block_views = block_views or getattr(augment, "views_per_call", None) or 2 * batch_size
         self.block = max(1, block_views // (2 * batch_size))            # batches per augmentation call
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

@@ -121,3 +121,21 @@ def test_both_loaders_feed_the_same_training_step():
         assert 0 <= float(v1.min()) and float(v1.max()) <= 1 and not torch.equal(v1, v2)
         loss = train_step(model, NTXentLoss(0.5), opt, scaler, sched, v1, v2, rt)
         assert torch.isfinite(loss)
+
+
+def test_device_pairs_restart_mid_block_makes_the_same_views():
+    """Views come in blocks of several batches, each block seeded on its own: starting the epoch at a batch
+    inside a block (a resumed run) yields exactly the views the uninterrupted epoch yielded from there."""
+    from fastclr.augment import SimCLRAugment
+
+    images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8)
+    pairs = DevicePairs(images, 8, torch.device("cpu"), SimCLRAugment(), seed=1, block_views=64)   # 4 batches a block
+    assert pairs.block == 4
+    state = pairs.generator.get_state()
+    full = list(pairs)
+    pairs.generator.set_state(state)
+    resumed = list(pairs.iterate(6))
+    assert len(resumed) == len(full) - 6
+    for (a1, a2), (b1, b2) in zip(full[6:], resumed):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(full[0][0], full[0][1])              # two different views of each image

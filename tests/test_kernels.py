@@ -229,3 +229,11 @@ def test_simclr_augment_with_kernels_matches_pytorch_ops():
     torch.manual_seed(7)
     out = SimCLRAugment(cpu_kernels=True)(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_compiled_runs_leave_the_kernels_off(monkeypatch):
+    """torch.compile would trace into the ctypes calls: --compile means PyTorch's layers."""
+    import fastclr.backend as B
+
+    monkeypatch.setattr(B, "compile_available", lambda: True)
+    assert not B.make_runtime("cpu", compile=True).cpu_kernels
