@@ -194,6 +194,12 @@ class DevicePairs:
     def __iter__(self):
         return self.iterate(0)
 
+    def _rng_devices(self) -> list[int]:
+        """The CUDA device whose RNG a block reseeds (and fork_rng restores afterwards); none on CPU."""
+        if self.device.type != "cuda":
+            return []
+        return [torch.cuda.current_device() if self.device.index is None else self.device.index]
+
     def iterate(self, start_batch: int = 0):
         """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
         batches = self.epoch_indices().split(self.batch_size)
@@ -201,7 +207,7 @@ class DevicePairs:
         for first in range(start_batch - start_batch % self.block, len(batches), self.block):
             block = batches[first: first + self.block]
             x = to_float(self.images[torch.cat(block)])             # gather + convert on the device
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=self._rng_devices()):
                 torch.manual_seed(epoch_seed + first)
                 # both views in ONE call: the first half of the output is every image's first view
                 v1, v2 = self.augment(torch.cat([x, x])).chunk(2)
