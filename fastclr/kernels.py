@@ -125,20 +125,13 @@ def available() -> bool:
 
 # --------------------------------------------------------------------------- autocast helpers
 
-def _autocast_bf16() -> bool:
-    """True inside a CPU autocast region with dtype bf16 (the first block's output dtype then)."""
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of the enclosing CPU autocast region, or None outside one."""
     try:
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     except TypeError:                                # torch < 2.4
-        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
-
-
-def _autocast_other() -> bool:
-    """A CPU autocast region with a dtype the kernels do not write (fp16)."""
-    try:
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != torch.bfloat16
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if on else None
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -238,13 +231,15 @@ def conv3x3_pool_relu_supported(x: Tensor, conv: nn.Conv2d) -> bool:
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and conv.bias is not None
             and conv.out_channels % 16 == 0 and conv.out_channels <= 64
-            and conv.weight.device.type == "cpu" and not _autocast_other() and available())
+            and conv.weight.device.type == "cpu" and _cpu_autocast_dtype() in (None, torch.bfloat16)
+            and available())
 
 
 def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Tensor:
     """``relu(max_pool2d(conv((x - mean) / std), 2))`` for (N, 1, H, W) -> (N, C, H/2, W/2) (channels_last);
     bf16 inside a bf16 autocast region, else f32. Check :func:`conv3x3_pool_relu_supported` first."""
-    return _ConvPoolReLU.apply(x, conv.weight, conv.bias, float(mean), float(std), _autocast_bf16())
+    return _ConvPoolReLU.apply(x, conv.weight, conv.bias, float(mean), float(std),
+                                _cpu_autocast_dtype() == torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- FusedWarp's resampling
