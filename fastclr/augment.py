@@ -179,7 +179,7 @@ class FusedWarp(nn.Module):
         # fades to black; zero padding there as well would darken the crop's edge twice (the box often touches
         # the image border). Kornia's crop never pads: it reads inside the box.
         border = "crop" in params
-        if self.cpu_kernel and plan.dense is None and kernels.warp_sample_supported(x):
+        if self.cpu_kernel and plan.dense is None and kernels.view_kernels_supported(x):
             return kernels.warp_sample(x, plan.core, plan.ybasis, plan.xbasis, plan.frames, self.size, border)
         grid, inside = self.maps(plan)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border" if border else "zeros", align_corners=True)
@@ -348,7 +348,7 @@ class RandomThickness(nn.Module):
         u = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
         # one max filter for both: erosion is -dilate(-x), so filter sign * x with sign -1 for the eroded samples
         sign = torch.where(u < self.p / 2, 1.0, -1.0)
-        if self.cpu_kernel and kernels.warp_sample_supported(x) and x.shape[-1] <= 256:
+        if self.cpu_kernel and kernels.view_kernels_supported(x) and x.shape[-1] <= 256:
             return kernels.thickness(x, torch.where(u < self.p, sign, 0.0).view(-1))
         return torch.where(u < self.p, sign * _max3x3(sign * x), x)
 

@@ -244,8 +244,8 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
 
 # --------------------------------------------------------------------------- FusedWarp's resampling
 
-def warp_sample_supported(x: Tensor) -> bool:
-    """The warp kernel takes CPU f32 (B, 1, H, W) images (no gradient: views are inputs)."""
+def view_kernels_supported(x: Tensor) -> bool:
+    """The augmentation kernels (warp_sample, thickness) take CPU f32 (B, 1, H, W) images that need no gradient."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
             and not x.requires_grad and x.shape[0] > 0 and available())
 
@@ -273,7 +273,7 @@ def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames:
 
 def thickness(x: Tensor, sign: Tensor) -> Tensor:
     """RandomThickness's filter: per sample ``sign * max3x3(sign * x)`` (sign +1 dilates, -1 erodes, 0 keeps x),
-    edges replicated. x (B, 1, H, W) f32 CPU with W <= 256 (check :func:`warp_sample_supported`), sign (B,)."""
+    edges replicated. x (B, 1, H, W) f32 CPU with W <= 256 (check :func:`view_kernels_supported`), sign (B,)."""
     b, _, h, w = x.shape
     if w > 256:
         raise ValueError(f"thickness takes width <= 256, got {w}")
