@@ -128,7 +128,7 @@ class FusedWarp(nn.Module):
                                                       corners (Kornia's align_corners=True default)
 
     and ``r`` is sampled bilinearly from the input with zero padding; the chain's zero padding at the crop's
-    and the affine's frames is reproduced by a weight (see :meth:`grid`). The chain resamples three times
+    and the affine's frames is reproduced by a weight (see :meth:`plan`). The chain resamples three times
     (slightly blurrier); this warp once.
 
     The elastic field. Kornia draws uniform noise U(-1, 1) for every pixel (B x 2 x H x W numbers) and blurs
@@ -137,7 +137,7 @@ class FusedWarp(nn.Module):
     ``elastic_rank`` eigen-directions per axis: d = Ly G Lx^T, G (rank x rank) Gaussian with variance 1/3,
     Ly Ly^T ~= By By^T. At 28 pixels, sigma 4 and rank 8 that keeps 99.7% of the field's variance and
     draws 64 numbers per field instead of 784 (Kornia's draw was the largest single cost of the warp).
-    Given Kornia's own ``{"noise": ...}`` parameters, :meth:`grid` applies the exact blur instead (the
+    Given Kornia's own ``{"noise": ...}`` parameters, :meth:`plan` applies the exact blur instead (the
     tests use this to compare with Kornia's output).
 
     Args:
@@ -348,7 +348,7 @@ class RandomThickness(nn.Module):
         u = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
         # one max filter for both: erosion is -dilate(-x), so filter sign * x with sign -1 for the eroded samples
         sign = torch.where(u < self.p / 2, 1.0, -1.0)
-        if self.cpu_kernel and kernels.view_kernels_supported(x) and x.shape[-1] <= 256:
+        if self.cpu_kernel and kernels.view_kernels_supported(x):
             return kernels.thickness(x, torch.where(u < self.p, sign, 0.0).view(-1))
         return torch.where(u < self.p, sign * _max3x3(sign * x), x)
 

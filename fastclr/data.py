@@ -158,11 +158,12 @@ def to_float(images: Tensor) -> Tensor:
 class DevicePairs:
     """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
 
-    Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the fused
-    SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's fixed cost (Kornia drawing parameters, building the warp's matrices: a few
-    hundred small ops) is paid once per block instead of once per step; parameters are still drawn per
-    sample. Each block's randomness comes from its own seed (the epoch's seed from ``generator``, plus the
-    block's first batch), so a run resumed mid-epoch makes exactly the views it would have made.
+    Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the
+    fused SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's
+    fixed cost (Kornia drawing parameters, building the warp's matrices: a few hundred small ops) is paid once
+    per block instead of once per step; parameters are still drawn per sample. Each block's randomness comes
+    from its own seed (the epoch's seed from ``generator``, plus the block's first batch), so a run resumed
+    mid-epoch makes exactly the views it would have made.
 
     Args:
         images: (N, 1, H, W) uint8 on any device.

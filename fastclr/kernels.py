@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+MAX_WIDTH = 256     # widest image row the augmentation kernels take (MAX_W in the C file: row buffers on the stack)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -81,8 +82,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv1_pool_relu_bwd.argtypes = [P, I, I, I, I, F, F, P, I, P, I, P, P, P, I]
     lib.warp_sample.argtypes = [P, I, I, I, I, I, P, I, P, P, P, I, F, F, I, P]
     lib.thickness.argtypes = [P, I, I, I, P, P]
-    lib.thickness.restype = None
-    lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = None
+    lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.conv1_pool_relu_fwd.restype = lib.conv1_pool_relu_bwd.restype = ctypes.c_int
     return lib
 
@@ -245,9 +245,10 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
 # --------------------------------------------------------------------------- FusedWarp's resampling
 
 def view_kernels_supported(x: Tensor) -> bool:
-    """The augmentation kernels (warp_sample, thickness) take CPU f32 (B, 1, H, W) images that need no gradient."""
+    """The augmentation kernels (warp_sample, thickness) take CPU f32 (B, 1, H, W) images that need no gradient,
+    W <= MAX_WIDTH."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
-            and not x.requires_grad and x.shape[0] > 0 and available())
+            and not x.requires_grad and x.shape[0] > 0 and x.shape[3] <= MAX_WIDTH and available())
 
 
 def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames: Tensor,
@@ -258,8 +259,8 @@ def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames:
     b, _, h_in, w_in = x.shape
     h, w = size
     r = core.shape[-1]
-    if r > 32 or w > 256:
-        raise ValueError(f"warp_sample takes rank <= 32 and width <= 256, got {r} and {w}")
+    if r > 32 or w > MAX_WIDTH:
+        raise ValueError(f"warp_sample takes rank <= 32 and width <= {MAX_WIDTH}, got {r} and {w}")
     x = x.contiguous()
     core, ybasis = core.float().contiguous(), ybasis.float().contiguous()
     xbasis_t = xbasis.new_zeros(r, (w + 15) // 16 * 16)                 # (R, W) zero-padded to whole vectors
@@ -273,10 +274,10 @@ def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames:
 
 def thickness(x: Tensor, sign: Tensor) -> Tensor:
     """RandomThickness's filter: per sample ``sign * max3x3(sign * x)`` (sign +1 dilates, -1 erodes, 0 keeps x),
-    edges replicated. x (B, 1, H, W) f32 CPU with W <= 256 (check :func:`view_kernels_supported`), sign (B,)."""
+    edges replicated. x (B, 1, H, W) f32 CPU (check :func:`view_kernels_supported`), sign (B,)."""
     b, _, h, w = x.shape
-    if w > 256:
-        raise ValueError(f"thickness takes width <= 256, got {w}")
+    if w > MAX_WIDTH:
+        raise ValueError(f"thickness takes width <= {MAX_WIDTH}, got {w}")
     x = x.contiguous()
     sign = sign.float().contiguous()
     out = torch.empty_like(x)
