@@ -155,7 +155,62 @@ def to_float(images: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- view-pair sources
 
-class DevicePairs:
+class PairSource:
+    """What the training loop asks of a view-pair source; both loaders implement it.
+
+    ``len(source)`` batches an epoch; ``iterate(start_batch)`` yields one epoch's ``(view1, view2)`` batches
+    from ``start_batch`` on; ``state_dict()`` / ``load_state_dict()`` carry the data order across a resume.
+
+    An epoch is a random permutation of the images drawn from ``self.generator`` (seeded once), this rank's
+    shard of it (DDP: every rank draws the same permutation), trimmed to whole batches. ``state_dict()``
+    holds the generator's state at the start of the current epoch and now: a run resumed mid-epoch replays
+    the epoch's draws and skips the batches it trained (its indices, not its views, so nothing else is
+    drawn); a run resumed at an epoch boundary carries on from now.
+
+    Subclasses implement ``_views(batches, start_batch)``: ``batches`` is the epoch's tuple of (batch_size,)
+    index tensors.
+    """
+
+    def __init__(self, n_images: int, batch_size: int, generator: torch.Generator, rank: int, world_size: int):
+        self.n_images, self.batch_size, self.generator = n_images, batch_size, generator
+        self.rank, self.world_size = rank, world_size
+        self._epoch_start: Tensor | None = None
+        self._restore: dict | None = None
+
+    def __len__(self) -> int:
+        return self.n_images // (self.batch_size * self.world_size)
+
+    def epoch_indices(self) -> Tensor:
+        """A fresh permutation, this rank's shard of it, trimmed to whole batches: (len * batch_size,)."""
+        perm = torch.randperm(self.n_images, generator=self.generator, device=self.generator.device)
+        shard = perm[self.rank::self.world_size]
+        return shard[: len(self) * self.batch_size]
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0):
+        """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
+        if self._restore is not None:
+            self.generator.set_state(self._restore["epoch_start" if start_batch else "now"])
+            self._restore = None
+        self._epoch_start = self.generator.get_state()
+        yield from self._views(self.epoch_indices().split(self.batch_size), start_batch)
+
+    def _views(self, batches: tuple[Tensor, ...], start_batch: int):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """CPU ByteTensors: the generator at the current epoch's start, and now."""
+        now = self.generator.get_state()
+        return {"epoch_start": now if self._epoch_start is None else self._epoch_start, "now": now}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take effect at the next ``iterate``: mid-epoch (start_batch > 0) from the epoch's start, else now."""
+        self._restore = {k: v.cpu() for k, v in state.items()}
+
+
+class DevicePairs(PairSource):
     """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
 
     Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the
@@ -174,26 +229,12 @@ class DevicePairs:
 
     def __init__(self, images: Tensor, batch_size: int, device: torch.device, augment, seed: int = 0,
                  rank: int = 0, world_size: int = 1, block_views: int | None = None):
+        super().__init__(len(images), batch_size, torch.Generator(device=device).manual_seed(seed), rank, world_size)
         # uint8 on the device: 4x smaller than float and the conversion fuses with the gather
         self.images = images.to(device, non_blocking=True)
-        self.batch_size, self.device, self.augment = batch_size, device, augment
-        self.rank, self.world_size = rank, world_size
+        self.device, self.augment = device, augment
         block_views = block_views or getattr(augment, "views_per_call", None) or 2 * batch_size
         self.block = max(1, block_views // (2 * batch_size))            # batches per augmentation call
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.images) // (self.batch_size * self.world_size)
-
-    def epoch_indices(self) -> Tensor:
-        """A fresh permutation, this rank's shard of it, trimmed to whole batches: (len * batch_size,)."""
-        perm = torch.randperm(len(self.images), generator=self.generator, device=self.device)
-        shard = perm[self.rank::self.world_size]
-        return shard[: len(self) * self.batch_size]
-
-    def __iter__(self):
-        return self.iterate(0)
 
     def _rng_devices(self) -> list[int]:
         """The CUDA device whose RNG a block reseeds (and fork_rng restores afterwards); none on CPU."""
@@ -201,9 +242,7 @@ class DevicePairs:
             return []
         return [torch.cuda.current_device() if self.device.index is None else self.device.index]
 
-    def iterate(self, start_batch: int = 0):
-        """One epoch from batch ``start_batch`` on (a resumed run skips what it already trained on)."""
-        batches = self.epoch_indices().split(self.batch_size)
+    def _views(self, batches: tuple[Tensor, ...], start_batch: int):
         epoch_seed = int(torch.randint(2**62, (1,), generator=self.generator, device=self.device))
         for first in range(start_batch - start_batch % self.block, len(batches), self.block):
             block = batches[first: first + self.block]
@@ -249,31 +288,42 @@ def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, sh
     ])
 
 
-class TorchvisionPairs:
+class _Batches:
+    """A DataLoader batch sampler whose batches are set before each epoch (by TorchvisionPairs)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TorchvisionPairs(PairSource):
     """The DataLoader path: per-sample CPU augmentation in ``workers`` processes, pinned host memory and
-    non-blocking copies to the device."""
+    non-blocking copies to the device.
+
+    The data order is PairSource's (so a resume skips exactly the trained batches). With ``workers=0`` the
+    transforms draw from the global torch RNG in this process, which a checkpoint saves, so a resumed run
+    is bit-equal to an uninterrupted one; with workers, each worker's RNG is seeded once per worker, and a
+    resumed run sees the same images in the same order with other random views.
+    """
 
     def __init__(self, images: Tensor, batch_size: int, device: torch.device, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, transform=None):
+        super().__init__(len(images), batch_size, torch.Generator().manual_seed(seed), rank, world_size)
         dataset = _TwoViewDataset(images.cpu(), transform or torchvision_transform())
-        sampler = None
-        if world_size > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.device = device
-        self.sampler = sampler
-        self.epoch = 0
+        self.sampler = _Batches()
+        # The loader's own generator seeds the workers only (the order is ours): a separate one, so that
+        # drawing those seeds leaves the data order's stream alone.
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+            dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed + 1))
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-        self.epoch += 1
+    def _views(self, batches: tuple[Tensor, ...], start_batch: int):
+        self.sampler.batches = [b.tolist() for b in batches[start_batch:]]
         for v1, v2 in self.loader:
             yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)

@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> dict:
     from .data import dataset_info, load_dataset
-    from .model import load_encoder, read_checkpoint
+    from .checkpoint import read_checkpoint
+    from .model import load_encoder
 
     ckpt = read_checkpoint(args.checkpoint)
     cfg = ckpt["config"]

@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .backend import FastclrError
-
-CHECKPOINT_FORMAT = 1
+from .checkpoint import read_checkpoint
 
 
 # ReLU then 2x2 max-pool equals max-pool then ReLU, values and gradients (max is monotone, so both pick the
@@ -137,24 +136,6 @@ def build_model(arch: str, width: int, embed_dim: int, proj_hidden: int, proj_di
                 mean: float, std: float, proj_bn: bool = True) -> SimCLRModel:
     encoder = Encoder(arch, width, embed_dim, mean, std)
     return SimCLRModel(encoder, ProjectionHead(encoder.out_dim, proj_hidden, proj_dim, proj_bn))
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a fastclr checkpoint dict, with a clear error for a missing, foreign or newer file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FastclrError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise FastclrError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
-                           "it may be truncated: use an earlier one or retrain") from None
-    if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_hparams" not in ckpt:
-        raise FastclrError(f"{path} is not a fastclr checkpoint")
-    if ckpt.get("format", 0) != CHECKPOINT_FORMAT:
-        raise FastclrError(f"{path} has checkpoint format {ckpt.get('format')}, this fastclr reads format "
-                           f"{CHECKPOINT_FORMAT}; use the fastclr version that wrote it")
-    return ckpt
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> Encoder:

@@ -6,6 +6,7 @@ Run folder (``--out``, default ``runs/<timestamp>``): ``checkpoint.pt``, ``metri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,11 +25,13 @@ from tqdm import tqdm
 from . import backend as B
 from .augment import SimCLRAugment
 from .backend import FastclrError
+from .checkpoint import (CHECKPOINT_FORMAT, TrainState, read_checkpoint, rng_state, set_rng_state,
+                         write_checkpoint)
 from .config import TrainConfig, build_parser, config_from_args
-from .data import DevicePairs, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
+from .data import DevicePairs, PairSource, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
 from .eval import evaluate
 from .loss import NTXentLoss
-from .model import CHECKPOINT_FORMAT, build_model, read_checkpoint
+from .model import build_model
 
 # Dataset pixel statistics, baked into the encoder so a loaded encoder takes raw [0, 1] images.
 NORM = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
@@ -75,31 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def git_commit() -> str | None:
@@ -235,7 +213,7 @@ def plot_loss(losses: list[float], path: Path, steps_per_epoch: int) -> None:
 
 # --------------------------------------------------------------------------- the run
 
-def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Dist):
+def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Dist) -> PairSource:
     """The configured view-pair source: device-resident + Kornia (default) or DataLoader + torchvision v2."""
     crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
     if cfg.loader == "device":
@@ -259,6 +237,91 @@ def load_data(cfg: TrainConfig) -> dict:
                 classes=dataset_info(cfg.dataset).classes)
 
 
+def checkpoint_payload(cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState) -> dict:
+    """Everything a resume needs, as tensors and plain data (fastclr.checkpoint reads it weights-only)."""
+    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
+            "encoder_hparams": tr.model.encoder.hparams, "encoder": tr.model.encoder.state_dict(),
+            "head": tr.model.head.state_dict(), "optimizer": tr.optimizer.state_dict(),
+            "scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state(),
+            "loader": pairs.state_dict(), "state": state.to_dict()}
+
+
+def knn_check(tr: Training, data: dict, cfg: TrainConfig, state: TrainState, t_start: float, show: bool) -> bool:
+    """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
+    t = time.perf_counter()
+    acc = evaluate(tr.model.encoder, data, tr.runtime, None, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+                   tsne_points=0, pixel_knn=False, linear_probe=False, log=lambda *a: None)["knn_accuracy"]
+    tr.model.train()
+    state.knn_history.append({"step": state.step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start})
+    if show:
+        tqdm.write(f"step {state.step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
+                   f"[{time.perf_counter() - t:.1f}s, {time.perf_counter() - t_start:.0f}s since start]")
+    return acc >= cfg.target_knn
+
+
+def record_losses(pending: list, state: TrainState, cfg: TrainConfig, runtime: B.Runtime, out: Path) -> list[float]:
+    """The loop's only host sync: read a block of step losses at once; stop on a non-finite one."""
+    vals = torch.stack(pending).cpu().tolist()
+    if not all(math.isfinite(v) for v in vals):
+        raise FastclrError(
+            f"loss became non-finite at step {state.step} (epoch {state.epoch + 1}); the run stops and "
+            f"{out / 'checkpoint.pt'} keeps the last good checkpoint. Likely cause: temperature "
+            f"{cfg.temperature} too low or lr {cfg.lr} too high"
+            + (" or fp16 overflow (try bf16 or no --amp)" if runtime.needs_grad_scaler else ""))
+    state.losses.extend(vals)
+    return vals
+
+
+def run_epoch(cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState, total_steps: int,
+              stop: "StopRequested", knn, save, out: Path, show: bool, world_size: int) -> str:
+    """Train from (state.epoch, state.batch) on; returns why it ended: "epoch" (its last batch), "limit"
+    (--max-steps), "signal" (SIGTERM/SIGINT), or "target" (--target-knn reached). ``knn()`` runs a k-NN
+    check and ``save()`` a mid-epoch checkpoint; neither counts as training time."""
+    per_epoch = len(pairs)
+    bar = tqdm(total=min(per_epoch, total_steps - state.step + state.batch), initial=state.batch, disable=not show,
+               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
+    pending, ended = [], "epoch"
+    B.synchronize(tr.runtime.device)
+    t0 = time.perf_counter()
+
+    def pause() -> None:   # stop the training clock (before a k-NN check or a checkpoint)
+        B.synchronize(tr.runtime.device)
+        state.train_seconds += time.perf_counter() - t0
+
+    try:
+        for v1, v2 in pairs.iterate(state.batch):
+            pending.append(tr.step(v1, v2))
+            state.step, state.batch = state.step + 1, state.batch + 1
+            last = state.step >= total_steps or state.batch == per_epoch
+            if len(pending) >= cfg.log_every or last or stop.signal:
+                vals = record_losses(pending, state, cfg, tr.runtime, out)
+                pending = []
+                elapsed = state.train_seconds + time.perf_counter() - t0
+                bar.update(len(vals))
+                bar.set_postfix(loss=f"{vals[-1]:.4f}",
+                                img_s=f"{2 * cfg.batch_size * world_size * state.step / max(elapsed, 1e-9):.0f}")
+            if cfg.target_knn and (state.batch == per_epoch or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                pause()
+                reached = knn()
+                t0 = time.perf_counter()
+                if reached:
+                    ended = "target"
+                    break
+            if stop.signal or state.step >= total_steps:
+                ended = "signal" if stop.signal else "limit"
+                break
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < per_epoch:
+                pause()
+                save()
+                t0 = time.perf_counter()
+    finally:
+        bar.close()
+    pause()
+    if state.batch == per_epoch:
+        state.epoch, state.batch = state.epoch + 1, 0
+    return ended
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
     t_start = time.perf_counter()  # --target-knn's clock: data loading, training and k-NN checks all count
@@ -270,6 +333,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.cuda.set_device(runtime.device)
     out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
+    # read (and check) the checkpoint before anything slow: a refused file should fail at once
+    ckpt = read_resume_checkpoint(out / "checkpoint.pt", cfg) if cfg.resume else None
     if d.is_main:
         log(f"precision: {runtime.amp_note}")
     seed_everything(cfg.seed)
@@ -280,132 +345,65 @@ def train(cfg: TrainConfig, log=print) -> dict:
                            f"{len(train_x)} training images")
 
     pairs = make_pairs(cfg, train_x, runtime, d)
-    steps_per_epoch = len(pairs)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * len(pairs)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-
-    step, start_epoch, start_batch, losses, train_seconds = 0, 0, 0, [], 0.0
-    ckpt = None
-    if cfg.resume:
-        ckpt = read_checkpoint(out / "checkpoint.pt")  # on the CPU: RNG states must stay CPU tensors
-        _check_resumable(ckpt["config"], cfg)
     tr = build_training(cfg, runtime, total_steps, d.world_size, state=ckpt)
-    model, optimizer, scheduler, scaler = tr.model, tr.optimizer, tr.scheduler, tr.scaler
+    state = TrainState()
     if ckpt is not None:
-        step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        losses, train_seconds = list(ckpt["losses"]), ckpt["train_seconds"]
+        state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
-        if isinstance(pairs, DevicePairs):
-            pairs.generator.set_state(ckpt["loader_epoch_start" if start_batch else "loader_now"].cpu())
-        log(f"resumed {out} at epoch {start_epoch + 1}, step {step}")
-
-    def checkpoint(epoch: int, batch_in_epoch: int, epoch_start_state) -> None:
-        if not d.is_main:
-            return
-        atomic_save({
-            "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
-            "encoder_hparams": model.encoder.hparams, "encoder": model.encoder.state_dict(),
-            "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "loader_now": pairs.generator.get_state() if isinstance(pairs, DevicePairs) else None,
-            "loader_epoch_start": epoch_start_state, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "step": step, "losses": losses, "train_seconds": train_seconds,
-        }, out / "checkpoint.pt")
-
+        pairs.load_state_dict(ckpt["loader"])
+        log(f"resumed {out} at epoch {state.epoch + 1}, step {state.step}")
     if d.is_main:
         log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset}: {len(train_x)} images, "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
+            f"{len(pairs)} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
             f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
-    model.train()
-    stopped, reached, knn_history = None, False, []
 
-    def target_check() -> bool:
-        """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
-        t = time.perf_counter()
-        acc = evaluate(model.encoder, data, runtime, None, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-                       tsne_points=0, pixel_knn=False, linear_probe=False, log=lambda *a: None)["knn_accuracy"]
-        model.train()
-        knn_history.append({"step": step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start})
+    def save() -> None:
         if d.is_main:
-            tqdm.write(f"step {step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
-                       f"[{time.perf_counter() - t:.1f}s, {time.perf_counter() - t_start:.0f}s since start]")
-        return acc >= cfg.target_knn
+            write_checkpoint(checkpoint_payload(cfg, tr, pairs, state), out / "checkpoint.pt")
 
+    knn = functools.partial(knn_check, tr, data, cfg, state, t_start, d.is_main)
+    tr.model.train()
+    ended = None
     with StopRequested() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            if step >= total_steps:
+        while state.epoch < cfg.epochs and state.step < total_steps:
+            ended = run_epoch(cfg, tr, pairs, state, total_steps, stop, knn, save, out, d.is_main, d.world_size)
+            save()
+            if ended in ("signal", "target"):
                 break
-            epoch_start_state = pairs.generator.get_state() if isinstance(pairs, DevicePairs) else None
-            skip = start_batch if epoch == start_epoch else 0
-            bar = tqdm(total=min(steps_per_epoch, total_steps - step + skip), initial=skip, disable=not d.is_main,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
-            B.synchronize(runtime.device)
-            t0, pending, batch, eval_time = time.perf_counter(), [], skip, 0.0
-            source = pairs.iterate(skip) if isinstance(pairs, DevicePairs) else pairs
-            for v1, v2 in source:
-                pending.append(tr.step(v1, v2))
-                step, batch = step + 1, batch + 1
-                last = step >= total_steps or batch == steps_per_epoch
-                if len(pending) >= cfg.log_every or last or stop.signal:
-                    # the only host sync of the loop: read a block of losses at once
-                    vals = torch.stack(pending).cpu().tolist()
-                    pending = []
-                    if not all(math.isfinite(v) for v in vals):
-                        bar.close()
-                        raise FastclrError(
-                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the run stops and "
-                            f"{out / 'checkpoint.pt'} keeps the last good checkpoint. Likely cause: temperature "
-                            f"{cfg.temperature} too low or lr {cfg.lr} too high"
-                            + (" or fp16 overflow (try bf16 or no --amp)" if runtime.needs_grad_scaler else ""))
-                    losses.extend(vals)
-                    elapsed = train_seconds + time.perf_counter() - t0
-                    bar.update(len(vals))
-                    bar.set_postfix(loss=f"{vals[-1]:.4f}",
-                                    img_s=f"{2 * cfg.batch_size * d.world_size * (step) / max(elapsed, 1e-9):.0f}")
-                if cfg.target_knn and (batch == steps_per_epoch or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    te = time.perf_counter()
-                    reached = target_check()
-                    eval_time += time.perf_counter() - te
-                if stop.signal or step >= total_steps or reached:
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < steps_per_epoch:
-                    checkpoint(epoch, batch, epoch_start_state)
-            B.synchronize(runtime.device)
-            train_seconds += time.perf_counter() - t0 - eval_time
-            bar.close()
-            if stop.signal:
-                checkpoint(epoch, batch, epoch_start_state)
-                stopped = stop.signal
-                break
-            done_epoch = batch == steps_per_epoch
-            checkpoint(epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch, epoch_start_state)
-            if reached:
-                break
-    if stopped is not None:
-        name = signal.Signals(stopped).name
+    if ended == "signal":
         if d.is_main:
-            log(f"{name} received: stopped after step {step}; checkpoint saved to {out / 'checkpoint.pt'}. "
-                f"Continue with: python -m fastclr.train --out {out} --resume (same settings)")
-        raise SystemExit(128 + stopped)
-
+            log(f"{signal.Signals(stop.signal).name} received: stopped after step {state.step}; checkpoint saved "
+                f"to {out / 'checkpoint.pt'}. Continue with: python -m fastclr.train --out {out} --resume "
+                "(same settings)")
+        raise SystemExit(128 + stop.signal)
     if not d.is_main:
         return {}
+    return finish_run(cfg, tr, data, state, out, d, len(pairs), reached=ended == "target", log=log)
+
+
+def finish_run(cfg: TrainConfig, tr: Training, data: dict, state: TrainState, out: Path, d: Dist,
+               steps_per_epoch: int, reached: bool, log=print) -> dict:
+    """Plot the loss, evaluate, write ``metrics.json``; returns the metrics."""
+    runtime = tr.runtime
     metrics = {
-        "epochs": cfg.epochs, "steps": step, "train_seconds": train_seconds,
-        "train_images_per_second": 2 * cfg.batch_size * d.world_size * step / max(train_seconds, 1e-9),
-        "final_loss": float(np.mean(losses[-min(len(losses), cfg.log_every):])) if losses else None,
+        "epochs": cfg.epochs, "steps": state.step, "train_seconds": state.train_seconds,
+        "train_images_per_second": 2 * cfg.batch_size * d.world_size * state.step / max(state.train_seconds, 1e-9),
+        "final_loss": float(np.mean(state.losses[-min(len(state.losses), cfg.log_every):])) if state.losses else None,
         "world_size": d.world_size,
     }
+    history = state.knn_history
     if cfg.target_knn:
-        metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=knn_history,
-                       time_to_target_seconds=knn_history[-1]["seconds"] if reached else None)
-    plot_loss(losses, out / "loss.png", steps_per_epoch)
-    knn_fresh = bool(knn_history) and knn_history[-1]["step"] == step
+        metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=history,
+                       time_to_target_seconds=history[-1]["seconds"] if reached else None)
+    plot_loss(state.losses, out / "loss.png", steps_per_epoch)
+    knn_fresh = bool(history) and history[-1]["step"] == state.step
     if cfg.eval and knn_fresh and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
-        metrics["knn_accuracy"] = knn_history[-1]["knn_accuracy"]   # the last target check saw these weights
+        metrics["knn_accuracy"] = history[-1]["knn_accuracy"]   # the last target check saw these weights
     elif cfg.eval:
-        metrics.update(evaluate(model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+        metrics.update(evaluate(tr.model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
                                 tsne_points=cfg.tsne_points, pixel_knn=cfg.pixel_knn,
                                 linear_probe=cfg.linear_probe, seed=cfg.seed, log=log))
     metrics.update(config=dataclasses.asdict(cfg), device=str(runtime.device), runtime=runtime.describe(),
@@ -414,6 +412,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"wrote {out}/: checkpoint.pt, metrics.json, loss.png" + (", tsne.png" if cfg.eval and cfg.tsne_points else ""))
     return metrics
+
+
+def read_resume_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint --resume continues from, checked against ``cfg``; on the CPU (RNG states stay there)."""
+    ckpt = read_checkpoint(path)
+    if "state" not in ckpt:
+        raise FastclrError(f"{path} was written by an older fastclr (checkpoint format {ckpt.get('format')}): its "
+                           "encoder loads (fastclr.eval, load_encoder) but --resume needs format "
+                           f"{CHECKPOINT_FORMAT}; start a new run")
+    _check_resumable(ckpt["config"], cfg)
+    return ckpt
 
 
 def _version(pkg: str) -> str | None:

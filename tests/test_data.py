@@ -139,3 +139,62 @@ def test_device_pairs_restart_mid_block_makes_the_same_views():
     for (a1, a2), (b1, b2) in zip(full[6:], resumed):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(full[0][0], full[0][1])              # two different views of each image
+
+
+def _interrupted_then_resumed(make, epochs: int, stop_at: tuple[int, int]):
+    """Run ``make()``'s source for ``epochs`` epochs, and again with a stop after batch ``stop_at`` = (epoch,
+    batch) followed by a fresh source resumed from the stopped one's state_dict (and global RNG), as a
+    checkpoint does. Returns both runs' batches."""
+    torch.manual_seed(0)
+    source = make()
+    full = [b for _ in range(epochs) for b in source]
+    torch.manual_seed(0)
+    first, (stop_epoch, stop_batch) = make(), stop_at
+    part = [b for _ in range(stop_epoch) for b in first]
+    it = first.iterate(0)
+    part += [next(it) for _ in range(stop_batch)]
+    saved, rng = first.state_dict(), torch.get_rng_state()
+    torch.manual_seed(123)                                     # what a new process would have instead
+    second = make()
+    second.load_state_dict(saved)
+    torch.set_rng_state(rng)
+    part += list(second.iterate(stop_batch))
+    part += [b for _ in range(epochs - stop_epoch - 1) for b in second]
+    return full, part
+
+
+@pytest.mark.parametrize("loader", ["device", "torchvision"])
+@pytest.mark.parametrize("stop_at", [(0, 3), (1, 0), (1, 5)])
+def test_a_resumed_source_yields_exactly_the_uninterrupted_views(loader, stop_at):
+    """The PairSource contract both loaders keep: state_dict() mid-epoch (or at a boundary), a new source,
+    load_state_dict(), iterate(start) -> the same batches, bit for bit (torchvision: workers=0)."""
+    from fastclr.augment import SimCLRAugment
+
+    images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if loader == "device":
+        def make():
+            return DevicePairs(images, 8, torch.device("cpu"), SimCLRAugment(), seed=4, block_views=32)
+    else:
+        def make():
+            return TorchvisionPairs(images, 8, torch.device("cpu"), workers=0, seed=4)
+    full, part = _interrupted_then_resumed(make, 3, stop_at)
+    assert len(part) == len(full) == 3 * 12
+    for i, ((a1, a2), (b1, b2)) in enumerate(zip(full, part)):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2), f"batch {i}"
+
+
+def test_torchvision_source_with_workers_resumes_in_the_same_order():
+    """With worker processes the views' randomness lives in the workers, so a resumed epoch sees other views
+    of the same images in the same order: identity views make the order visible."""
+    from fastclr.data import torchvision_transform
+
+    n = 48
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+
+    def make():
+        return TorchvisionPairs(images, 4, torch.device("cpu"), workers=2, seed=7,
+                                transform=torchvision_transform(identity=True))
+    full, part = _interrupted_then_resumed(make, 2, (1, 5))
+    ids = [[v1[:, 0, 0, 0].mul(255).round().long().tolist() for v1, _ in run] for run in (full, part)]
+    assert ids[0] == ids[1] and len(ids[0]) == 2 * 12
+    assert sorted(sum(ids[0][:12], [])) == list(range(n))       # an epoch visits every image once

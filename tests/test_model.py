@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fastclr.backend import FastclrError
-from fastclr.model import CHECKPOINT_FORMAT, Encoder, build_model, load_encoder
+from fastclr.checkpoint import CHECKPOINT_FORMAT
+from fastclr.model import Encoder, build_model, load_encoder
 
 
 @pytest.mark.parametrize("arch", ["cnn", "tutorial"])

@@ -8,7 +8,7 @@ import torch
 
 from conftest import train_cli
 from fastclr.config import TrainConfig, build_parser, config_from_args
-from fastclr.model import read_checkpoint
+from fastclr.checkpoint import read_checkpoint
 from fastclr.train import lr_factor, train
 
 FAST = dict(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=32, eval=False)
