@@ -32,17 +32,6 @@ def run(benchmark, fn, device, rounds=5, warmup=1):
     return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
 
 
-def cuda_peak_mib(fn) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def cpu_peak_mib(setup: str, stmt: str) -> float:
     """Peak resident memory added by ``stmt`` after ``setup``, measured in a fresh process.
 

@@ -43,7 +43,10 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     warmup_steps: int = _f(20, "linear learning-rate warm-up steps")
     temperature: float = _f(0.2, "NT-Xent temperature")
-    loss_impl: str = _f("reference", "NT-Xent implementation", ["reference", "compiled", "tiled"])
+    loss_impl: str = _f("reference", "NT-Xent implementation (fastclr.loss): reference, compiled (torch.compile), "
+                                     "tiled (O(N) memory), triton (fused GPU kernels, O(N) memory), auto (the "
+                                     "fastest for the shape: measured once on CUDA, a size rule on the CPU)",
+                        ["reference", "compiled", "tiled", "triton", "auto"])
     # augmentation (see fastclr.augment.SimCLRAugment)
     crop_min: float = _f(0.6, "RandomResizedCrop minimum area fraction (1.0 switches the crop off)")
     degrees: float = _f(15.0, "rotation range, +-degrees")

@@ -18,6 +18,12 @@ Implementations (one signature: ``fn(z1, z2, temperature) -> scalar``):
 * ``tiled``: memory-efficient: walks the upper triangle of the similarity matrix in tiles with an online
   (running-max) logsumexp, keeps O(N) row statistics and recomputes tiles in backward. Peak extra memory
   O(N*D + tile^2) instead of O(N^2).
+* ``triton``: the tiled algorithm as two fused Triton kernels (``fastclr.triton_ntxent``): the row
+  logsumexps in one pass that never writes the matrix, and dL/dz in one pass that recomputes each tile from
+  them. O(N) memory like ``tiled``, without its Python loop of small kernels. CUDA tensors (CPU tensors
+  under Triton's interpreter, for tests).
+* ``auto``: ``triton``, ``reference`` or ``tiled``, whichever ran fastest on this device for the shape (see
+  :func:`resolve_impl`).
 
 Gradient of the loss with respect to the normalised ``z`` (used by ``compiled`` and ``tiled``), with
 ``P_ij = softmax_j(s_ij)`` (0 on the diagonal) and M = 2N::
@@ -38,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMPLS = ("reference", "compiled", "tiled")
+IMPLS = ("reference", "compiled", "tiled", "triton", "auto")
 DEFAULT_TILE = 1024  # 4 MiB fp32 tiles: big enough to keep the matrix products efficient
 
 
@@ -217,6 +223,76 @@ def ntxent_tiled(z1: Tensor, z2: Tensor, temperature: float, tile: int = DEFAULT
         return _TiledNTXent.apply(z, 1.0 / temperature, int(tile))
 
 
+# --------------------------------------------------------------------------- triton (fused, O(N) memory)
+
+def ntxent_triton(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """NT-Xent with the row logsumexps from fused Triton kernels; the positive term and the mean in torch.
+
+    Shapes as the reference. fp32 input runs TF32 dots on the GPU, bf16/fp16 input runs dots in that type
+    (both accumulate in fp32); float64 is refused (the kernels have no fp64 dots)."""
+    from . import triton_ntxent
+
+    n = z1.shape[0]
+    with _no_autocast(z1.device):
+        z = _stack_normalised(z1, z2)                                       # (2N, D), fp32
+        half = z1.dtype in (torch.bfloat16, torch.float16)
+        lse = triton_ntxent.row_lse(z, temperature, z1.dtype if half else None)   # (2N,) fp32
+        pos = (z * z.roll(n, dims=0)).sum(dim=1) / temperature             # s_{i, p(i)}
+        return (lse - pos).mean()
+
+
+# --------------------------------------------------------------------------- auto: measured, not assumed
+
+_AUTO: dict = {}
+CPU_TILED_FROM = 1024   # pairs; below it the reference is as fast on the CPU (benchmarks/bench_loss.py)
+
+
+def resolve_impl(z1: Tensor, temperature: float) -> str:
+    """The implementation ``impl="auto"`` runs for input shaped like ``z1`` (N, D).
+
+    CPU: a fixed rule, so that CPU runs stay bit-reproducible: ``tiled`` from CPU_TILED_FROM pairs on (its
+    tiles stay in cache; 29 against 46 ms at N=1024 on the 2-core dev CPU), else ``reference``. CUDA: the
+    candidates (``triton`` where Triton is there, ``reference`` where its (2N, 2N) matrices fit in a quarter
+    of the free memory, else ``tiled``) are each timed forward + backward on random input of this shape, and
+    the fastest is kept for this (device, N rounded up to a power of two, D, dtype)."""
+    n, d = z1.shape
+    if z1.device.type != "cuda":
+        return "tiled" if n >= CPU_TILED_FROM else "reference"
+    key = (str(z1.device), 1 << (n - 1).bit_length(), d, z1.dtype)
+    if key not in _AUTO:
+        _AUTO[key] = _fastest(_cuda_candidates(n, z1), n, d, z1, temperature)
+    return _AUTO[key]
+
+
+def _cuda_candidates(n: int, z1: Tensor) -> list[str]:
+    from . import triton_ntxent
+
+    free, _ = torch.cuda.mem_get_info(z1.device)
+    dense_bytes = 3 * (2 * n) ** 2 * 4          # logits, softmax and its gradient, fp32
+    names = ["triton"] if triton_ntxent.available() else []
+    names.append("reference" if dense_bytes < free / 4 else "tiled")
+    return names
+
+
+def _fastest(names: list[str], n: int, d: int, like: Tensor, temperature: float) -> str:
+    if len(names) == 1:
+        return names[0]
+    z1 = torch.randn(n, d, device=like.device, dtype=like.dtype, requires_grad=True)
+    z2 = torch.randn(n, d, device=like.device, dtype=like.dtype, requires_grad=True)
+    times = {}
+    for name in names:
+        fn = _IMPL_FNS[name]
+        fn(z1, z2, temperature).backward()                                  # warm-up (and Triton's compile)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn(z1, z2, temperature).backward()
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end)
+    return min(times, key=times.get)
+
+
 # --------------------------------------------------------------------------- distributed gather
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -249,7 +325,8 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- the module
 
-_IMPL_FNS = {"reference": ntxent_reference, "compiled": ntxent_compiled, "tiled": ntxent_tiled}
+_IMPL_FNS = {"reference": ntxent_reference, "compiled": ntxent_compiled, "tiled": ntxent_tiled,
+             "triton": ntxent_triton}
 
 
 class NTXentLoss(nn.Module):
@@ -257,7 +334,7 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: softmax temperature t > 0 (SimCLR: 0.5 for small batches, 0.1 for large ones).
-        impl: ``"reference"``, ``"compiled"`` or ``"tiled"`` (see the module docstring).
+        impl: ``"reference"``, ``"compiled"``, ``"tiled"``, ``"triton"`` or ``"auto"`` (see the module docstring).
         gather_distributed: in an initialised ``torch.distributed`` group, gather both views from every
             rank so negatives come from the global batch; each rank returns the global loss.
         tile_size: tile edge for ``impl="tiled"``.
@@ -273,7 +350,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if impl not in _IMPL_FNS:
+        if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if tile_size < 1:
             raise ValueError(f"tile_size must be >= 1, got {tile_size}")
@@ -291,9 +368,10 @@ class NTXentLoss(nn.Module):
         if self.gather_distributed and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
-        if self.impl == "tiled":
+        impl = resolve_impl(z1, self.temperature) if self.impl == "auto" else self.impl
+        if impl == "tiled":
             return ntxent_tiled(z1, z2, self.temperature, self.tile_size)
-        return _IMPL_FNS[self.impl](z1, z2, self.temperature)
+        return _IMPL_FNS[impl](z1, z2, self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, impl={self.impl!r}, gather_distributed={self.gather_distributed}"

@@ -46,9 +46,13 @@ timeout 300 python3 -m fastclr.speedrun --target 0.985 --amp --eval-every 100 --
   | tr '\r' '\n' | grep -v "step/s" | tail -15 | tee "$OUT/speedrun.log"
 cp /tmp/fastclr-speedrun/metrics.json "$OUT/speedrun.json" 2>/dev/null
 
-echo "== CUDA benchmark groups"
+echo "== CUDA benchmark groups (NT-Xent: reference, compiled, tiled, triton at N = 2,048 to 262,144)"
+# The tiled loss at N=262,144 (~1,000x the work of N=16,384, where it took 297 ms) does not fit this budget:
+# LOSS_TILED_262K=1 includes it.
+SKIP_BIG="and not tiled-262144"
+[ "${LOSS_TILED_262K:-0}" = 1 ] && SKIP_BIG=""
 timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest benchmarks -q -p no:cacheprovider \
-  -k "cuda and not (torchvision and epoch_data)" --benchmark-json "$OUT/bench.json" \
+  -k "cuda and not (torchvision and epoch_data) $SKIP_BIG" --benchmark-json "$OUT/bench.json" \
   --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds 2>&1 | tail -150 > "$OUT/bench.log"
 tail -3 "$OUT/bench.log"
 python3 -m benchmarks.report "$OUT/bench.json" --out "$OUT" > /dev/null && echo "wrote $OUT/summary.md"

@@ -12,6 +12,12 @@ MNIST_ROOT = Path(os.environ.get("FASTCLR_TEST_DATA", REPO.parent / "shared" / "
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. It is read when a kernel is
+# defined, so it is switched on here, before any test imports fastclr.triton_ntxent (and inherited by the
+# subprocesses tests start). With a GPU the kernels run compiled, on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
