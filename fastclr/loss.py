@@ -277,6 +277,11 @@ def _cuda_candidates(n: int, z1: Tensor) -> list[str]:
 def _fastest(names: list[str], n: int, d: int, like: Tensor, temperature: float) -> str:
     if len(names) == 1:
         return names[0]
+    with torch.enable_grad():      # the loss may be first called under no_grad (an evaluation)
+        return _time_each(names, n, d, like, temperature)
+
+
+def _time_each(names: list[str], n: int, d: int, like: Tensor, temperature: float) -> str:
     z1 = torch.randn(n, d, device=like.device, dtype=like.dtype, requires_grad=True)
     z2 = torch.randn(n, d, device=like.device, dtype=like.dtype, requires_grad=True)
     times = {}

@@ -155,3 +155,15 @@ def test_kernels_compile_for_hopper_without_spills():
     for row in rows:
         assert row["wgmma"], row
         assert row["spill_bytes"] == 0, row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [256, 8192])
+def test_gpu_auto_picks_a_measured_impl_that_agrees(n):
+    from fastclr.loss import resolve_impl
+
+    z1, z2 = inputs(n, 128, seed=n, device="cuda", dtype=torch.float32)
+    with torch.no_grad():       # auto's one-time measurement runs its own backward passes
+        assert resolve_impl(z1, 0.2) in ("triton", "reference", "tiled")
+    got = NTXentLoss(0.2, impl="auto")(z1, z2)
+    assert_close_rel(got, ntxent_reference(z1.double(), z2.double(), 0.2), 1e-3)
