@@ -1,6 +1,9 @@
 """Side-by-side: the tutorial script as published against fastclr on the tutorial's own network and batch size.
 
-    python -m benchmarks.compare_tutorial [--tutorial ../shared/baselines/tutorial_simclr.py] [--data-dir ../shared/data]
+    python -m benchmarks.compare_tutorial --tutorial PATH/tutorial_simclr.py [--data-dir DIR]
+
+The tutorial script is not part of fastclr: pass the path of your copy (it reads MNIST_ROOT and SEED_EPOCHS
+from the environment and prints ``train_s``).
 
 Runs both, one after the other, in this one invocation (one epoch each) and prints training throughput
 (augmented images through the encoder per second, both views) and the ratio. Takes ~3 minutes on 2 cores.
@@ -47,13 +50,16 @@ def run_fastclr(data_dir: Path, extra: list[str]) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tutorial", default="../shared/baselines/tutorial_simclr.py")
-    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--tutorial", required=True, help="the tutorial script, as published")
+    p.add_argument("--data-dir", default=None, help="MNIST root (default: $FASTCLR_DATA, else ./data)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--fastclr-args", default="", help="extra fastclr.train flags, e.g. '--no-amp'")
     args = p.parse_args(argv)
-    tut = run_tutorial(Path(args.tutorial), Path(args.data_dir))
-    fc = run_fastclr(Path(args.data_dir), args.fastclr_args.split())
+    from fastclr.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(args.data_dir)
+    tut = run_tutorial(Path(args.tutorial), data_dir)
+    fc = run_fastclr(data_dir, args.fastclr_args.split())
     result = {"tutorial": tut, "fastclr_tutorial_net_batch128": fc,
               "throughput_ratio": fc["images_per_second"] / tut["images_per_second"]}
     print(json.dumps(result, indent=2))
