@@ -14,14 +14,18 @@ from .config import build_parser, config_from_args
 
 # The recipe (see README, "Speedrun"): overrides of fastclr.train's defaults.
 RECIPE = dict(epochs=5, tsne_points=0, pixel_knn=False, linear_probe=False)
+DEFAULT_TARGET = 0.985
 
 
 def main(argv=None) -> int:
     parser = build_parser(prog="python -m fastclr.speedrun", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.985, help="k-NN accuracy to reach")
+    parser.add_argument("--target", type=float, default=None,
+                        help="k-NN accuracy to reach (default 0.985; --target-knn is the same setting)")
     parser.set_defaults(**RECIPE)
     args = parser.parse_args(argv)
-    args.target_knn = args.target
+    if args.target is not None and args.target_knn and args.target != args.target_knn:
+        parser.error(f"--target {args.target} and --target-knn {args.target_knn} disagree: give one")
+    args.target_knn = args.target if args.target is not None else (args.target_knn or DEFAULT_TARGET)
     cfg = config_from_args(args)
     from .train import train
 

@@ -91,11 +91,13 @@ def test_optimizer_is_fused_adamw_where_available_and_matches_the_plain_one():
     """The fused AdamW must take the same steps as the per-tensor one (fp32; tolerance for its different
     operation order: rtol 1e-5, atol 1e-7)."""
     rt = B.make_runtime("cpu")
-    assert rt.fused_optimizer == B.fused_adamw_available("cpu")
+    # torch >= 2.4 has a fused CPU AdamW; the Runtime must ask for it, and the optimiser must be the fused one
+    assert rt.fused_optimizer and B.fused_adamw_available("cpu")
     torch.manual_seed(0)
     w0 = torch.randn(7, 5)
     params = [w0.clone().requires_grad_(), w0.clone().requires_grad_()]
     fused = rt.optimizer([params[0]], lr=1e-2, weight_decay=1e-4)
+    assert fused.defaults["fused"] is True
     plain = torch.optim.AdamW([params[1]], lr=1e-2, weight_decay=1e-4)
     for _ in range(5):
         g = torch.randn(7, 5)
@@ -114,4 +116,6 @@ def test_malloc_tuning_can_be_switched_off(monkeypatch):
     finally:
         B.keep_cpu_memory_mapped.cache_clear()
     monkeypatch.delenv("FASTCLR_MALLOC_TUNING")
-    assert isinstance(B.keep_cpu_memory_mapped(), bool)   # True on glibc, False elsewhere; never an error
+    import platform
+    # on glibc both mallopt() calls succeed and the tuning is on; elsewhere it is off, never an error
+    assert B.keep_cpu_memory_mapped() is (platform.libc_ver()[0] == "glibc")

@@ -13,6 +13,21 @@ from fastclr.model import Encoder
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of each kernel entry point, so that a kernels-vs-layers comparison can tell a kernel
+    that ran from a silent fallback to the layers (which would compare the layers with themselves)."""
+    calls = {}
+    for name in ("pool_relu", "conv3x3_pool_relu", "warp_sample", "thickness"):
+        real = getattr(kernels, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
 def _with_ties(shape, dtype, seed=0):
     """Random values with exact ties: a constant block, and a block where every value repeats."""
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +105,7 @@ def test_conv3x3_pool_relu_bf16_autocast_is_at_least_as_accurate_as_aten():
 
 @needs_kernels
 @pytest.mark.parametrize("arch,width", [("tutorial", 16), ("cnn", 16), ("cnn", 32)])
-def test_encoder_with_kernels_equals_layers(arch, width):
+def test_encoder_with_kernels_equals_layers(arch, width, kernel_calls):
     """The whole encoder, kernels on vs off (fp32, train mode): outputs and every parameter's gradient."""
     torch.manual_seed(0)
     enc = Encoder(arch, width=width).to(memory_format=torch.channels_last)
@@ -104,13 +119,18 @@ def test_encoder_with_kernels_equals_layers(arch, width):
         (h * torch.linspace(-1, 1, h.shape[1])).sum().backward()
         outs.append(h.detach())
         grads.append({k: p.grad.clone() for k, p in enc.named_parameters()})
+        if not on:
+            assert not kernel_calls
+    # the tutorial net's first conv has a bias: its first block is one kernel; the cnn's (conv-BN) is not
+    assert kernel_calls.get("pool_relu") == (1 if arch == "tutorial" else 2)
+    assert kernel_calls.get("conv3x3_pool_relu") == (1 if arch == "tutorial" else None)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @needs_kernels
-def test_unsupported_inputs_fall_back_to_layers():
+def test_unsupported_inputs_fall_back_to_layers(kernel_calls):
     """Channel counts the kernels do not take, an input that needs a gradient, fp16 autocast: the layers run."""
     conv = torch.nn.Conv2d(1, 16, 3, padding=1)
     x = torch.rand(2, 1, 28, 28)
@@ -126,6 +146,7 @@ def test_unsupported_inputs_fall_back_to_layers():
     ref = enc(xg)
     enc.cpu_kernels = True
     torch.testing.assert_close(enc(xg), ref, rtol=1e-5, atol=1e-5)
+    assert "conv3x3_pool_relu" not in kernel_calls        # an input that needs a gradient: the layers ran
 
 
 def test_no_compiler_warns_and_runtime_falls_back(monkeypatch, tmp_path):
@@ -174,7 +195,7 @@ def _warps():
 
 @needs_kernels
 @pytest.mark.parametrize("name", list(_warps()))
-def test_warp_sample_equals_fused_warps_pytorch_ops(name):
+def test_warp_sample_equals_fused_warps_pytorch_ops(name, kernel_calls):
     """The same plan through the kernel and through grid + weight + grid_sample: equal to 1e-5."""
     fw = _warps()[name]
     torch.manual_seed(0)
@@ -184,6 +205,7 @@ def test_warp_sample_equals_fused_warps_pytorch_ops(name):
     ref = fw(x, params)
     fw.cpu_kernel = True
     out = fw(x, params)
+    assert kernel_calls == {"warp_sample": 1}
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
@@ -206,7 +228,7 @@ def test_warp_with_kornias_dense_noise_uses_pytorch_ops():
 @needs_kernels
 @pytest.mark.parametrize("p", [0.5, 1.0])
 @pytest.mark.parametrize("hw", [(28, 28), (5, 33)])
-def test_thickness_kernel_equals_max_filter_exactly(p, hw):
+def test_thickness_kernel_equals_max_filter_exactly(p, hw, kernel_calls):
     from fastclr.augment import RandomThickness
 
     x = torch.rand(50, 1, *hw)
@@ -215,19 +237,22 @@ def test_thickness_kernel_equals_max_filter_exactly(p, hw):
     ref = RandomThickness(p)(x)
     torch.manual_seed(3)
     out = RandomThickness(p, cpu_kernel=True)(x)
+    assert kernel_calls == {"thickness": 1}
     assert torch.equal(out, ref)
     assert not torch.equal(out, x)
 
 
 @needs_kernels
-def test_simclr_augment_with_kernels_matches_pytorch_ops():
+def test_simclr_augment_with_kernels_matches_pytorch_ops(kernel_calls):
     from fastclr.augment import SimCLRAugment
 
     x = torch.rand(64, 1, 28, 28)
     torch.manual_seed(7)
     ref = SimCLRAugment()(x)
     torch.manual_seed(7)
+    assert not kernel_calls
     out = SimCLRAugment(cpu_kernels=True)(x)
+    assert kernel_calls == {"thickness": 1, "warp_sample": 1}
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

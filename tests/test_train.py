@@ -98,3 +98,32 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+SPEEDRUN_SMALL = ["--width", "4", "--embed-dim", "16", "--proj-hidden", "32", "--proj-dim", "8", "--batch-size", "64",
+                  "--train-subset", "2048"]
+
+
+def speedrun_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastclr.speedrun", *SPEEDRUN_SMALL, *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_speedrun_reports_time_to_target(mnist_root, tmp_path):
+    r = speedrun_cli("--data-dir", str(mnist_root), "--out", str(tmp_path / "r"), "--target", "0.5", "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "speedrun: k-NN" in r.stdout and ">= 0.5 after 32 steps; time to target" in r.stdout
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["reached_target"] and m["target_knn"] == 0.5 and m["time_to_target_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_speedrun_honours_target_knn_and_says_when_it_misses(mnist_root, tmp_path):
+    """--target-knn is the same setting as --target (it used to be overridden silently by --target's default)."""
+    r = speedrun_cli("--data-dir", str(mnist_root), "--out", str(tmp_path / "r"), "--target-knn", "0.999",
+                     "--epochs", "1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "target 0.999 NOT reached in 1 epochs" in r.stdout
+    r = speedrun_cli("--target", "0.9", "--target-knn", "0.95")
+    assert r.returncode == 2 and "disagree" in r.stderr
