@@ -6,7 +6,7 @@ from fastclr import kernels
 from fastclr.augment import SimCLRAugment, tutorial_batch_augment
 from fastclr.data import DevicePairs, TorchvisionPairs
 
-from .conftest import DEVICES, QUICK, run, skip_unless_device
+from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 BATCH = 512
 EPOCH_IMAGES = 2048 if QUICK else 60000
@@ -26,6 +26,8 @@ def test_augment_per_sample(benchmark, device, impl):
     if impl == "fused-cpu-kernels" and (device != "cpu" or not kernels.available()):
         pytest.skip("fastclr's CPU kernels: CPU only, and they must build here")
     benchmark.group = f"augment-b512-{device}"
+    describe(benchmark, {"fused": "fused warp", "fused-cpu-kernels": "fused warp, CPU kernels",
+                         "kornia": "Kornia chain"}[impl], baseline=impl == "kornia")
     x = images(BATCH).to(device).float().div_(255)
     aug = SimCLRAugment(impl=impl.removesuffix("-cpu-kernels"), cpu_kernels=impl.endswith("kernels"))
     run(benchmark, lambda: aug(torch.cat([x, x])), device, rounds=20, warmup=2)
@@ -35,6 +37,7 @@ def test_augment_per_sample(benchmark, device, impl):
 def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
     """Per-sample CPU transforms in 2 worker processes: time for 10 batches of view pairs."""
     benchmark.group = "augment-b512-cpu"
+    describe(benchmark, "torchvision DataLoader, 2 workers")
     pairs = TorchvisionPairs(images(BATCH * 10), BATCH, torch.device("cpu"), workers=2)
     list(pairs)  # start the persistent workers
     run(benchmark, lambda: list(pairs), "cpu", rounds=3, warmup=0)
@@ -44,6 +47,7 @@ def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
 def test_augment_tutorial_batch_wide(benchmark):
     """The tutorial's transform on a batch tensor: ONE crop and ONE rotation for all 512 (not per sample)."""
     benchmark.group = "augment-b512-cpu"
+    describe(benchmark, "tutorial (one crop per batch)")
     x = images(BATCH).float().div_(255)
     run(benchmark, lambda: tutorial_batch_augment(x), "cpu", rounds=20, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
@@ -55,6 +59,8 @@ def test_epoch_data_delivery(benchmark, loader, device):
     """60,000 images -> view pairs on the device, batch 256: everything the training step waits for."""
     skip_unless_device(device)
     benchmark.group = f"epoch-data-{device}"
+    describe(benchmark, {"device": "device loader (fused)", "torchvision": "torchvision DataLoader"}[loader],
+             baseline=loader == "torchvision")
     data = images(EPOCH_IMAGES)
     dev = torch.device(device)
     if loader == "device":

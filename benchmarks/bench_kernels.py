@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastclr import kernels
 
-from .conftest import QUICK, run
+from .conftest import QUICK, describe, run
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
 BATCH = 8 if QUICK else 256          # both views of the tutorial's batch of 128
@@ -17,6 +17,7 @@ BATCH = 8 if QUICK else 256          # both views of the tutorial's batch of 128
 def test_pool_relu(benchmark, impl, c, hw):
     """2x2 max-pool + ReLU at the encoders' shapes (tutorial: 16@28, 32@14; cnn width 32: 32@28, 64@14)."""
     benchmark.group = f"pool_relu-{c}x{hw}-cpu"
+    describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
     x = torch.randn(BATCH, c, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(BATCH, c, hw // 2, hw // 2).bfloat16().contiguous(memory_format=torch.channels_last)
     fn = kernels.pool_relu if impl == "kernel" else (lambda t: F.relu(F.max_pool2d(t, 2)))
@@ -30,6 +31,7 @@ def test_first_block(benchmark, impl):
     """The tutorial's first block (normalise, conv 1->16, pool, ReLU) under bf16 autocast, forward + weight
     gradients, as in training."""
     benchmark.group = "first_block-cpu"
+    describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
     conv = torch.nn.Conv2d(1, 16, 3, padding=1).to(memory_format=torch.channels_last)
     x = torch.rand(BATCH, 1, 28, 28)
     g = torch.randn(BATCH, 16, 14, 14).bfloat16().contiguous(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastclr import backend as B
 from fastclr.eval import knn_predict
 
-from .conftest import DEVICES, QUICK, run, skip_unless_device
+from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 N_TRAIN, N_TEST, K = (6000, 1000, 20) if QUICK else (60000, 10000, 20)
 DIMS = [128] if QUICK else [128, 784]
@@ -49,6 +49,9 @@ def test_knn(benchmark, impl, dim, device):
     if device == "cuda" and impl.startswith("sklearn"):
         pytest.skip("scikit-learn runs on the CPU: see the cpu group")
     benchmark.group = f"knn-{device}-{N_TEST}x{N_TRAIN}x{dim}"
+    describe(benchmark, {"auto": "fastclr auto", "torch": "torch", "sklearn": "sklearn NearestNeighbors",
+                         "cuml": "cuML", "sklearn-KNeighborsClassifier": "sklearn KNeighborsClassifier",
+                         "floor": "matmul + topk floor"}[impl], baseline=impl == "sklearn-KNeighborsClassifier")
     train_x, train_y, test_x, test_y = data(dim, device)
     if impl == "floor":
         fn = lambda: floor(train_x, test_x)

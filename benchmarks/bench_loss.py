@@ -16,7 +16,7 @@ import torch
 
 from fastclr.loss import NTXentLoss
 
-from .conftest import DEVICES, QUICK, cpu_peak_mib, run, skip_unless_device
+from .conftest import QUICK, cpu_peak_mib, describe, run, skip_unless_device
 
 D = 128
 SIZES = {"cpu": [256] if QUICK else [256, 1024, 2048, 4096, 16384],
@@ -58,6 +58,9 @@ def test_loss_fwd_bwd(benchmark, impl, n, device):
     if reason:
         pytest.skip(reason)
     benchmark.group = f"loss-{device}-N{n}"
+    describe(benchmark, {"reference": "reference (autograd)", "compiled": "compiled (torch.compile)",
+                         "tiled": "tiled", "triton": "triton kernels", "lightly": "lightly NTXentLoss"}[impl],
+             baseline=impl == "reference")
     g = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(n, D, device=device, generator=g, requires_grad=True)
     z2 = torch.randn(n, D, device=device, generator=g, requires_grad=True)

@@ -4,7 +4,7 @@ import torch
 
 from fastclr.eval import linear_probe_accuracy
 
-from .conftest import DEVICES, QUICK, run, skip_unless_device
+from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 N_TRAIN, N_TEST = (6000, 1000) if QUICK else (60000, 10000)
 
@@ -17,6 +17,8 @@ def test_linear_probe(benchmark, backend, dim, device):
     if backend == "sklearn" and device == "cuda":
         pytest.skip("scikit-learn runs on the CPU: see the cpu group")
     benchmark.group = f"probe-{device}-{dim}d"
+    describe(benchmark, {"torch": "torch L-BFGS", "sklearn": "sklearn LogisticRegression"}[backend],
+             baseline=backend == "sklearn")
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (N_TRAIN + N_TEST,), generator=g)
     x = (torch.randn(10, dim, generator=g)[y] * 0.5 + torch.randn(N_TRAIN + N_TEST, dim, generator=g)).to(device)

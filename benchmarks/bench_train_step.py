@@ -9,7 +9,7 @@ from fastclr.backend import make_runtime, resolve_amp_dtype
 from fastclr.config import TrainConfig
 from fastclr.train import build_training
 
-from .conftest import DEVICES, QUICK, run, skip_unless_device
+from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 
 def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None, cpu_kernels=True):
@@ -44,6 +44,9 @@ def test_train_step(benchmark, arch, width, batch, amp, kernels, device):
     if not kernels and device != "cpu":
         pytest.skip("fastclr.kernels are CPU-only: nothing to turn off")
     benchmark.group = f"train_step-{device}"
+    net = "tutorial net" if arch == "tutorial" else f"cnn w{width}"
+    describe(benchmark, f"{net}, b{batch}, {'amp' if amp else 'fp32'}" + ("" if kernels else ", no CPU kernels"),
+             baseline=(arch, amp) == ("tutorial", False))
     step = setup(arch, width, batch, device, amp, cpu_kernels=kernels)
     run(benchmark, step, device, rounds=10, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * batch / benchmark.stats.stats.mean
@@ -55,6 +58,7 @@ def test_train_step_compiled(benchmark, device):
     if QUICK:
         pytest.skip("compilation takes a minute")
     benchmark.group = f"train_step-{device}"
+    describe(benchmark, "cnn w16, b256, compiled")
     step = setup("cnn", 16, 256, device, amp=device == "cuda", compile=True)
     run(benchmark, step, device, rounds=10, warmup=3)
     benchmark.extra_info["images_per_second"] = 2 * 256 / benchmark.stats.stats.mean
@@ -68,6 +72,7 @@ def test_epoch(benchmark, device):
 
     skip_unless_device(device)
     benchmark.group = f"epoch-{device}"
+    describe(benchmark, "default epoch")
     cfg = TrainConfig()
     n = 1024 if QUICK else 60000
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)

@@ -5,7 +5,7 @@ import torch
 from fastclr import backend as B
 from fastclr.eval import tsne
 
-from .conftest import DEVICES, QUICK, run, skip_unless_device
+from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 SIZES = [500] if QUICK else [2000, 10000]
 
@@ -20,6 +20,7 @@ def test_tsne(benchmark, backend, n, device):
     if backend == "sklearn" and device == "cuda":
         pytest.skip("scikit-learn runs on the CPU: see the cpu group")
     benchmark.group = f"tsne-{n}"
+    describe(benchmark, {"sklearn": "sklearn", "cuml": "cuML"}[backend], baseline=backend == "sklearn")
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (n,), generator=g)
     x = (torch.randn(10, 128, generator=g)[y] + torch.randn(n, 128, generator=g)).to(device)

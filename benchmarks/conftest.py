@@ -16,6 +16,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 QUICK = os.environ.get("FASTCLR_BENCH_QUICK") == "1"   # the smoke test: smallest size, one round
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The GPU, where there is one, beside pytest-benchmark's CPU description (the report names both)."""
+    if torch.cuda.is_available():
+        machine_info["cuda_device"] = torch.cuda.get_device_name()
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -51,6 +57,14 @@ def cpu_peak_mib(setup: str, stmt: str) -> float:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def describe(benchmark, case: str, baseline: bool = False) -> None:
+    """Name the case for the report (``case``: what a reader sees on the bar) and mark the group's baseline,
+    the row every other row's speed-up is measured against."""
+    benchmark.extra_info["case"] = case
+    if baseline:
+        benchmark.extra_info["baseline"] = True
 
 
 def skip_unless_device(device):

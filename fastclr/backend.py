@@ -284,8 +284,8 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
         tsne_backend=resolve_tsne_backend(tsne_backend, dev),
         probe_backend=resolve_probe_backend(probe_backend),
         fused_optimizer=fused_adamw_available(dev.type),
-        # torch.compile would trace into the kernels' ctypes calls (graph breaks): compiled runs use ATen layers
-        cpu_kernels=resolve_cpu_kernels(dev) and not use_compile,
+        # the kernels are torch.library ops: torch.compile keeps each as one op in its graph
+        cpu_kernels=resolve_cpu_kernels(dev),
     )
 
 

@@ -256,9 +256,77 @@ def test_simclr_augment_with_kernels_matches_pytorch_ops(kernel_calls):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def test_compiled_runs_leave_the_kernels_off(monkeypatch):
-    """torch.compile would trace into the ctypes calls: --compile means PyTorch's layers."""
+def test_compiled_runs_keep_the_kernels(monkeypatch):
+    """The kernels are torch.library ops, so --compile keeps them (they used to be switched off for it)."""
     import fastclr.backend as B
 
     monkeypatch.setattr(B, "compile_available", lambda: True)
-    assert not B.make_runtime("cpu", compile=True).cpu_kernels
+    assert B.make_runtime("cpu", compile=True).cpu_kernels == kernels.available()
+
+
+def _op_samples():
+    """(op, args) for every kernel op, at small shapes; autograd inputs where training needs a gradient."""
+    import kornia.augmentation as K
+
+    from fastclr.augment import FusedWarp
+
+    g = torch.Generator().manual_seed(0)
+    pool_x = [torch.randn(2, 16, 4, 6, generator=g).to(dt).contiguous(memory_format=torch.channels_last)
+              .requires_grad_() for dt in (torch.float32, torch.bfloat16)]
+    conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+    fw = FusedWarp(K.RandomResizedCrop((28, 28), scale=(0.6, 1.0)), K.RandomAffine(15.0, p=1.0),
+                   K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=1.0), (28, 28))
+    x = torch.rand(3, 1, 28, 28, generator=g)
+    plan = fw.plan(x, fw.draw(x.shape))
+    out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
+    cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)
+    backward_ops = [(torch.ops.fastclr.pool_relu_backward.default, (torch.randn_like(out), out, idx)),
+                    (torch.ops.fastclr.conv3x3_pool_relu_backward.default,
+                     (torch.randn_like(cout), x, cout, cidx, 0.13, 0.31))]
+    return ([(torch.ops.fastclr.pool_relu.default, (px,)) for px in pool_x] + backward_ops
+            + [(torch.ops.fastclr.conv3x3_pool_relu.default, (x, conv.weight, conv.bias, 0.13, 0.31, bf16))
+               for bf16 in (False, True)]
+            + [(torch.ops.fastclr.warp_sample.default, (x, plan.core, plan.ybasis, plan.xbasis, plan.frames, 28, 28,
+                                                        True)),
+               (torch.ops.fastclr.thickness.default, (x, torch.tensor([1.0, -1.0, 0.0])))])
+
+
+@needs_kernels
+def test_every_kernel_op_passes_opcheck():
+    """torch.library.opcheck: schema, fake function, autograd registration and AOT dispatch agree with the
+    real kernel for each op."""
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args)
+
+
+@needs_kernels
+def test_kernels_follow_torch_set_num_threads():
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert kernels.team_size() == n
+            kernels.pool_relu(torch.randn(2, 16, 4, 4))     # and a kernel runs with that team
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_compiled_encoder_with_kernels_equals_eager(kernel_calls):
+    """torch.compile(fullgraph=True) of the tutorial encoder with the kernels: one graph (no break into
+    ctypes), the kernels inside it, and the eager outputs and gradients."""
+    torch.manual_seed(0)
+    enc = Encoder("tutorial").to(memory_format=torch.channels_last)
+    enc.cpu_kernels = True
+    x = torch.rand(8, 1, 28, 28)
+    outs = []
+    for fn in (enc, torch.compile(enc, fullgraph=True)):
+        enc.zero_grad()
+        h = fn(x)
+        h.sum().backward()
+        outs.append((h.detach(), [p.grad.clone() for p in enc.parameters()]))
+    assert kernel_calls.get("conv3x3_pool_relu", 0) >= 1
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -310,4 +311,18 @@ void thickness(const float* x, int B, int H, int W, const float* s, float* out) 
             o[w] = sg * m;
         }
     }
+}
+
+/* The OpenMP team every kernel's parallel loop uses: fastclr/kernels.py sets it to torch.get_num_threads()
+ * before each call, so the kernels follow torch.set_num_threads whichever libgomp this library bound to. */
+void set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
+
+int team_size(void) {
+    int t = 0;
+    #pragma omp parallel
+    {
+        #pragma omp single
+        t = omp_get_num_threads();
+    }
+    return t;
 }
