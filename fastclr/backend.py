@@ -68,7 +68,7 @@ def compile_available() -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (AVX512-BF16 / AMX); elsewhere bf16 is emulated
-    and slower than fp32 (measured on the 2-core dev box: 4.8 GFLOP/s bf16 against 44 fp32)."""
+    and several times slower than fp32 (docs/design.md, "Measurements behind the code")."""
     try:
         caps = torch.backends.cpu.get_cpu_capability()
     except Exception:
@@ -86,8 +86,8 @@ def cpu_has_native_bf16() -> bool:
 @functools.lru_cache(maxsize=None)
 def fused_adamw_available(device_type: str) -> bool:
     """Whether ``AdamW(fused=True)`` runs on this device type (CUDA; CPU from torch 2.4). One kernel updates
-    every parameter instead of a dozen small ops per tensor: measured 0.14 against 0.48 ms per step for the
-    tutorial network's 11 tensors on the 2-core CPU."""
+    every parameter instead of a dozen small ops per tensor (docs/design.md, "Measurements behind the
+    code")."""
     try:
         p = torch.zeros(2, device=device_type, requires_grad=True)
         p.grad = torch.ones(2, device=device_type)
@@ -229,9 +229,8 @@ def keep_cpu_memory_mapped() -> bool:
     Why it is faster: a CPU step allocates and frees multi-MB activations (the tutorial net's first conv
     output is 6.4 MB at batch 128); by default glibc serves them with fresh mmap()s or trims them off the heap
     when freed, so every step page-faults its activations in again. With the mmap threshold at its 32 MB
-    maximum and trimming above 512 MB they stay in the heap. Measured on the 2-core CPU, tutorial net, batch
-    128, bf16, data + step: 17.1-17.3 ms per step with it against 21.6-30.2 ms without (three runs each way;
-    either setting alone did not help). The cost: the process keeps up to 512 MB of freed memory.
+    maximum and trimming above 512 MB they stay in the heap (timings: docs/design.md, "Measurements behind
+    the code"). The cost: the process keeps up to 512 MB of freed memory.
     ``FASTCLR_MALLOC_TUNING=0`` switches it off. Returns whether it is on.
     """
     if os.environ.get("FASTCLR_MALLOC_TUNING", "1") == "0":

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend as B
-from .backend import FastclrError
+from .backend import (FastclrError, Runtime, make_runtime, resolve_knn_backend, resolve_probe_backend,
+                      resolve_tsne_backend)
 
 METRICS = ("cosine", "euclidean")
 WEIGHTINGS = ("exp", "distance", "uniform")
@@ -140,7 +140,7 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 20, m
         train_x: (N, D), train_y: (N,), test_x: (Q, D). Output: (Q,) int64 on train_y's device.
     """
     _check_knn_args(train_x, train_y, test_x, k, metric, weighting)
-    name = B.resolve_knn_backend(backend, train_x.device)
+    name = resolve_knn_backend(backend, train_x.device)
     dist, idx = NEIGHBOUR_SEARCH[name](train_x, test_x, k, metric)
     num_classes = num_classes or int(train_y.max()) + 1
     return vote(train_y, dist, idx, num_classes, weighting, temperature)
@@ -191,7 +191,7 @@ PROBES = {"torch": _probe_torch, "sklearn": _probe_sklearn}
 def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                           backend: str = "auto", max_iter: int = 100) -> float:
     """Accuracy of a logistic regression on frozen, standardised features. Shapes as :func:`knn_predict`."""
-    name = B.resolve_probe_backend(backend)
+    name = resolve_probe_backend(backend)
     tr, te = _standardise(train_x.float(), test_x.float())
     num_classes = int(train_y.max()) + 1
     pred = PROBES[name](tr, train_y.to(tr.device), te, num_classes, max_iter=max_iter)
@@ -227,7 +227,7 @@ TSNE_BACKENDS = {"sklearn": _tsne_sklearn, "cuml": _tsne_cuml}
 
 def tsne(x: Tensor, backend: str = "auto", perplexity: float = 30.0, seed: int = 0, pca_dim: int = 50) -> np.ndarray:
     """2-D t-SNE of embeddings (PCA to ``pca_dim`` first). (N, D) -> (N, 2) numpy."""
-    name = B.resolve_tsne_backend(backend, x.device)
+    name = resolve_tsne_backend(backend, x.device)
     pts = pca(x.float(), pca_dim).cpu().numpy().astype(np.float32)
     return TSNE_BACKENDS[name](pts, perplexity, seed)
 
@@ -253,7 +253,7 @@ def plot_tsne(xy: np.ndarray, labels: np.ndarray, class_names, path: Path, title
 
 # --------------------------------------------------------------------------- the whole evaluation
 
-def evaluate(encoder, data: dict, runtime: B.Runtime, out_dir: Path | None, k: int = 20,
+def evaluate(encoder, data: dict, runtime: Runtime, out_dir: Path | None, k: int = 20,
              knn_temperature: float = 0.07, tsne_points: int = 2000, pixel_knn: bool = True,
              linear_probe: bool = True, seed: int = 0, log=print) -> dict:
     """Embed train and test, then k-NN, raw-pixel k-NN, linear probe and t-SNE (each timed).
@@ -325,7 +325,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     ckpt = read_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
-    runtime = B.make_runtime(args.device, amp=cfg.get("amp", False), knn_backend=args.knn_backend,
+    runtime = make_runtime(args.device, amp=cfg.get("amp", False), knn_backend=args.knn_backend,
                              tsne_backend=args.tsne_backend, probe_backend=args.probe_backend)
     data_dir = args.data_dir or cfg.get("data_dir")
     train_x, train_y = load_dataset(cfg["dataset"], data_dir, train=True)

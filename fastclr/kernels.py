@@ -15,9 +15,8 @@ Each is a ``torch.library`` custom op (``torch.ops.fastclr.*``: schema, fake fun
 ``torch.set_num_threads``.
 
 Why they are faster than ATen (the C file's header says how): one pass each way, uint8 window indices, ReLU
-folded in, no intermediate maps. Measured on the 2-core dev CPU, batch 256, bf16, forward + backward: the
-first block 1.17 against 3.95 ms, the (256, 32, 14, 14) pool 0.37 against 0.88 ms (medians,
-``benchmarks/bench_kernels.py``).
+folded in, no intermediate maps. ``benchmarks/bench_kernels.py`` times each against ATen
+(benchmarks/results/).
 
 The kernels are built once per machine with the system C compiler (``$CC``, default ``cc``; ~1 s) into
 ``$FASTCLR_CACHE`` (default ``~/.cache/fastclr``), keyed by the source and the CPU. Where that fails (no
@@ -169,9 +168,10 @@ def _lib() -> ctypes.CDLL:
 
 
 def _pooled(n: int, c: int, h2: int, w2: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A pooled map (N, C, H/2, W/2) stored channels-last, and its (N, H/2, W/2, C) uint8 window index."""
-    out = torch.empty(n, h2, w2, c, dtype=dtype).permute(0, 3, 1, 2)
-    return out, torch.empty(n, h2, w2, c, dtype=torch.uint8)
+    """A pooled map and its uint8 window index, both (N, H/2, W/2, C) contiguous. The ops return these plain
+    tensors and the Python wrappers permute them to (N, C, H/2, W/2) channels_last: an op that returns a view
+    was traced wrongly by torch.compile in torch 2.5 (tests/test_kernels.py compares with eager)."""
+    return torch.empty(n, h2, w2, c, dtype=dtype), torch.empty(n, h2, w2, c, dtype=torch.uint8)
 
 
 @torch.library.custom_op("fastclr::pool_relu", mutates_args=())
@@ -186,24 +186,24 @@ def _pool_relu(x: Tensor) -> tuple[Tensor, Tensor]:
 @_pool_relu.register_fake
 def _(x):
     n, c, h, w = x.shape
-    out = x.new_empty(n, h // 2, w // 2, c).permute(0, 3, 1, 2)
-    return out, x.new_empty(n, h // 2, w // 2, c, dtype=torch.uint8)
+    return x.new_empty(n, h // 2, w // 2, c), x.new_empty(n, h // 2, w // 2, c, dtype=torch.uint8)
 
 
 @torch.library.custom_op("fastclr::pool_relu_backward", mutates_args=())
 def _pool_relu_backward(g: Tensor, out: Tensor, idx: Tensor) -> Tensor:
-    n, c, h2, w2 = out.shape
-    gh, oh = _nhwc(g.to(out.dtype)), _nhwc(out)
+    """g, out, idx (N, H/2, W/2, C) -> the input's gradient (N, H, W, C)."""
+    n, h2, w2, c = out.shape
+    gh, oh, ih = g.to(out.dtype).contiguous(), out.contiguous(), idx.contiguous()
     gx = torch.empty(n, 2 * h2, 2 * w2, c, dtype=out.dtype)
-    _lib().pool_relu_bwd(gh.data_ptr(), _is_bf16(gh), oh.data_ptr(), _is_bf16(oh), idx.data_ptr(),
+    _lib().pool_relu_bwd(gh.data_ptr(), _is_bf16(gh), oh.data_ptr(), _is_bf16(oh), ih.data_ptr(),
                          n, 2 * h2, 2 * w2, c, gx.data_ptr(), _is_bf16(gx))
-    return gx.permute(0, 3, 1, 2)
+    return gx
 
 
 @_pool_relu_backward.register_fake
 def _(g, out, idx):
-    n, c, h2, w2 = out.shape
-    return out.new_empty(n, 2 * h2, 2 * w2, c).permute(0, 3, 1, 2)
+    n, h2, w2, c = out.shape
+    return out.new_empty(n, 2 * h2, 2 * w2, c)
 
 
 def _pool_relu_setup(ctx, inputs, output):
@@ -212,7 +212,7 @@ def _pool_relu_setup(ctx, inputs, output):
 
 def _pool_relu_grad(ctx, g_out, g_idx):
     out, idx = ctx.saved_tensors
-    return _pool_relu_backward(g_out, out, idx)
+    return _pool_relu_backward(g_out, out, idx).permute(0, 3, 1, 2)
 
 
 _pool_relu.register_autograd(_pool_relu_grad, setup_context=_pool_relu_setup)
@@ -226,7 +226,7 @@ def pool_relu_supported(x: Tensor) -> bool:
 
 def pool_relu(x: Tensor) -> Tensor:
     """``relu(max_pool2d(x, 2))`` for (N, C, H, W) -> (N, C, H/2, W/2) (channels_last); see the module doc."""
-    return _pool_relu(x)[0]
+    return _pool_relu(x)[0].permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- conv 3x3 (1 -> C) + pool + ReLU
@@ -252,16 +252,16 @@ def _(x, weight, bias, mean, std, out_bf16):
     n, _, h, w = x.shape
     c = weight.shape[0]
     out = x.new_empty(n, h // 2, w // 2, c, dtype=torch.bfloat16 if out_bf16 else torch.float32)
-    return out.permute(0, 3, 1, 2), x.new_empty(n, h // 2, w // 2, c, dtype=torch.uint8)
+    return out, x.new_empty(n, h // 2, w // 2, c, dtype=torch.uint8)
 
 
 @torch.library.custom_op("fastclr::conv3x3_pool_relu_backward", mutates_args=())
 def _conv_pool_relu_backward(g: Tensor, x: Tensor, out: Tensor, idx: Tensor, mean: float,
                              std: float) -> tuple[Tensor, Tensor]:
     n, _, h, w = x.shape
-    c = out.shape[1]
+    c = out.shape[-1]                                   # out, idx, g: (N, H/2, W/2, C)
     xs = x.reshape(n, h, w).float().contiguous()
-    gh, oh = _nhwc(g.to(out.dtype)), _nhwc(out)
+    gh, oh, idx = g.to(out.dtype).contiguous(), out.contiguous(), idx.contiguous()
     chunks = max(1, min(torch.get_num_threads(), n))   # one partial sum per thread: no atomics
     gtaps, gbias = torch.empty(chunks, 9, c), torch.empty(chunks, c)
     rc = _lib().conv1_pool_relu_bwd(xs.data_ptr(), n, h, w, c, mean, 1 / std, gh.data_ptr(), _is_bf16(gh),
@@ -274,7 +274,7 @@ def _conv_pool_relu_backward(g: Tensor, x: Tensor, out: Tensor, idx: Tensor, mea
 
 @_conv_pool_relu_backward.register_fake
 def _(g, x, out, idx, mean, std):
-    c = out.shape[1]
+    c = out.shape[-1]
     return x.new_empty(c, 1, 3, 3), x.new_empty(c)
 
 
@@ -311,7 +311,7 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
     """``relu(max_pool2d(conv((x - mean) / std), 2))`` for (N, 1, H, W) -> (N, C, H/2, W/2) (channels_last);
     bf16 inside a bf16 autocast region, else f32. Check :func:`conv3x3_pool_relu_supported` first."""
     return _conv_pool_relu(x, conv.weight, conv.bias, float(mean), float(std),
-                           _cpu_autocast_dtype() == torch.bfloat16)[0]
+                           _cpu_autocast_dtype() == torch.bfloat16)[0].permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- FusedWarp's resampling

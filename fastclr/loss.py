@@ -109,7 +109,7 @@ def _dense_backward(z: Tensor, prob: Tensor, inv_t: Tensor, grad_out: Tensor) ->
     """dL/dz for the normalised (M, D) z, from the saved softmax P alone (s is symmetric).
 
     ``P @ z + P.T @ z`` as two GEMMs reads P twice and writes nothing of size (M, M); forming ``P + P.T``
-    first was measured 1.2x slower on the CPU (the transposed read of a 64 MiB matrix misses the cache)."""
+    first was slower on the CPU (the transposed read of a 64 MiB matrix misses the cache)."""
     m = z.shape[0]
     g = prob @ z + prob.T @ z - 2 * z.roll(m // 2, dims=0)
     return g * (grad_out * inv_t / m)
@@ -251,7 +251,7 @@ def resolve_impl(z1: Tensor, temperature: float) -> str:
     """The implementation ``impl="auto"`` runs for input shaped like ``z1`` (N, D).
 
     CPU: a fixed rule, so that CPU runs stay bit-reproducible: ``tiled`` from CPU_TILED_FROM pairs on (its
-    tiles stay in cache; 29 against 46 ms at N=1024 on the 2-core dev CPU), else ``reference``. CUDA: the
+    tiles stay in cache; benchmarks/bench_loss.py), else ``reference``. CUDA: the
     candidates (``triton`` where Triton is there, ``reference`` where its (2N, 2N) matrices fit in a quarter
     of the free memory, else ``tiled``) are each timed forward + backward on random input of this shape, and
     the fastest is kept for this (device, N rounded up to a power of two, D, dtype)."""

@@ -17,8 +17,8 @@ from .checkpoint import read_checkpoint
 
 # ReLU then 2x2 max-pool equals max-pool then ReLU, values and gradients (max is monotone, so both pick the
 # same first maximum, and ReLU's mask of it is the same), but pooling first runs the ReLU and its backward
-# on a quarter of the elements. Measured, (256, 16, 28, 28) bf16 channels_last forward + backward, 2-core
-# CPU: 3.1 ms against 4.8 ms (fp32: 4.1 against 7.4). tests/test_model.py checks the equality.
+# on a quarter of the elements (timing: docs/design.md, "Measurements behind the code"). tests/test_model.py
+# checks the equality.
 def _pool_relu() -> list[nn.Module]:
     return [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
 

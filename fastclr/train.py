@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import backend as B
+from . import backend
 from .augment import SimCLRAugment
 from .backend import FastclrError
 from .checkpoint import (CHECKPOINT_FORMAT, TrainState, read_checkpoint, rng_state, set_rng_state,
@@ -49,7 +49,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(runtime: B.Runtime) -> Dist:
+def init_distributed(runtime: backend.Runtime) -> Dist:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else a no-op."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -99,7 +99,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 # --------------------------------------------------------------------------- the step
 
-def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: B.Runtime,
+def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: backend.Runtime,
                channels_last: bool = False) -> torch.Tensor:
     """One SimCLR step on a (B, 1, 28, 28) view pair; returns the loss as a device tensor (no host sync).
 
@@ -128,7 +128,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: NTXentLoss
-    runtime: B.Runtime
+    runtime: backend.Runtime
     channels_last: bool
 
     def step(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ class Training:
                           self.runtime, self.channels_last)
 
 
-def build_training(cfg: TrainConfig, runtime: B.Runtime, total_steps: int, world_size: int = 1,
+def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int, world_size: int = 1,
                    state: dict | None = None) -> Training:
     """Model, optimiser (AdamW, fused where available), schedule, scaler and loss as ``cfg`` says; ``state``
     (a checkpoint) is loaded before compiling and DDP-wrapping."""
@@ -213,7 +213,7 @@ def plot_loss(losses: list[float], path: Path, steps_per_epoch: int) -> None:
 
 # --------------------------------------------------------------------------- the run
 
-def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: B.Runtime, d: Dist) -> PairSource:
+def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: backend.Runtime, d: Dist) -> PairSource:
     """The configured view-pair source: device-resident + Kornia (default) or DataLoader + torchvision v2."""
     crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
     if cfg.loader == "device":
@@ -259,7 +259,7 @@ def knn_check(tr: Training, data: dict, cfg: TrainConfig, state: TrainState, t_s
     return acc >= cfg.target_knn
 
 
-def record_losses(pending: list, state: TrainState, cfg: TrainConfig, runtime: B.Runtime, out: Path) -> list[float]:
+def record_losses(pending: list, state: TrainState, cfg: TrainConfig, runtime: backend.Runtime, out: Path) -> list[float]:
     """The loop's only host sync: read a block of step losses at once; stop on a non-finite one."""
     vals = torch.stack(pending).cpu().tolist()
     if not all(math.isfinite(v) for v in vals):
@@ -281,11 +281,11 @@ def run_epoch(cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainSta
     bar = tqdm(total=min(per_epoch, total_steps - state.step + state.batch), initial=state.batch, disable=not show,
                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
     pending, ended = [], "epoch"
-    B.synchronize(tr.runtime.device)
+    backend.synchronize(tr.runtime.device)
     t0 = time.perf_counter()
 
     def pause() -> None:   # stop the training clock (before a k-NN check or a checkpoint)
-        B.synchronize(tr.runtime.device)
+        backend.synchronize(tr.runtime.device)
         state.train_seconds += time.perf_counter() - t0
 
     try:
@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
     t_start = time.perf_counter()  # --target-knn's clock: data loading, training and k-NN checks all count
     cfg.validate()
-    runtime = B.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
+    runtime = backend.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
                              cfg.probe_backend, cfg.deterministic)
     d = init_distributed(runtime)
     if runtime.device.type == "cuda" and d.world_size > 1:

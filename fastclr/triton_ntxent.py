@@ -41,30 +41,48 @@ try:
 except ImportError:                              # pragma: no cover - torch wheels without Triton
     triton = None
 
+MIN_TRITON = (3, 6)     # tested: 3.6 (the GPU image's) and 3.8; 3.1's interpreter rejects the nested constexprs
 MAX_DIM = 4096          # beyond this a row block's tiles stop paying for their registers; a clear error
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def interpreting() -> bool:
-    """Triton's interpreter was on when the kernels were defined (it is read at decoration time)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreting() -> bool:
+    """Triton's interpreter was on when the kernels were defined (it is read at decoration time) and can run
+    them: before Triton 3.8 it passes scalar arguments as 1-element arrays, which NumPy >= 2.3 will not turn
+    into a loop bound (checked with Triton 3.6: NumPy 2.2 runs the tests, 2.4 does not)."""
+    if not _interpret_env() or triton is None:
+        return False
+    import numpy
+
+    numpy_version = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    return _version() >= (3, 8) or numpy_version < (2, 3)
+
+
+def _version() -> tuple[int, ...]:
+    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+
+
 def available() -> bool:
-    return triton is not None
+    """Triton is importable and new enough for these kernels."""
+    return triton is not None and _version() >= MIN_TRITON
 
 
 def check_inputs(z: Tensor, dtype: torch.dtype) -> None:
     """Raise a clear error for input the kernels do not take (ValueError) or cannot run on (RuntimeError);
     ``dtype``: the dots' input type."""
-    if triton is None:
-        raise RuntimeError("NT-Xent impl='triton' needs Triton, which this PyTorch install lacks "
-                           "(pip install triton, or use impl='tiled' for the same O(N) memory)")
+    if not available():
+        found = "none is installed" if triton is None else f"found {triton.__version__}"
+        raise RuntimeError(f"NT-Xent impl='triton' needs Triton >= {'.'.join(map(str, MIN_TRITON))} ({found}); "
+                           "upgrade torch/triton, or use impl='tiled' for the same O(N) memory")
     if z.device.type == "cpu" and not interpreting():
         raise RuntimeError("NT-Xent impl='triton' runs on CUDA tensors; on CPU tensors only under Triton's "
-                           "interpreter (TRITON_INTERPRET=1 set before fastclr is imported, for tests). "
-                           "On the CPU use impl='tiled' or 'reference'")
+                           "interpreter (TRITON_INTERPRET=1 set before fastclr is imported, for tests; Triton >= "
+                           "3.8, or NumPy < 2.3). On the CPU use impl='tiled' or 'reference'")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"NT-Xent impl='triton' takes float32, bfloat16 or float16 input, got {dtype}; "
                          "use impl='reference' for float64")
@@ -287,7 +305,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastclr.triton_ntxent", description=main.__doc__)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
-    if triton is None or interpreting() or not os.path.exists(_ptxas()):
+    if not available() or _interpret_env() or not os.path.exists(_ptxas()):
         print("needs Triton with its bundled ptxas, and TRITON_INTERPRET unset", file=sys.stderr)
         return 3
     rows = [r for dtype, d in ((torch.float32, 128), (torch.bfloat16, 128), (torch.float16, 128),

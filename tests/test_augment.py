@@ -3,6 +3,11 @@ import torch
 
 from fastclr.augment import SimCLRAugment
 
+# fp32 rounding between the fused warp and Kornia's warps. With torch 2.11 and 2.14.1 they agree to 1e-5; torch 2.5.1
+# (the lowest torch fastclr supports) rounds Kornia's warp differently on ~1% of the pixels, up to 4.0e-5
+# (docs/versions.md). A wrong rotation sign or crop box is off by 0.1-0.8, so either bound catches real errors.
+KORNIA_ATOL = 1e-5 if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6) else 5e-5
+
 
 def digit_like(n=1):
     x = torch.zeros(n, 1, 28, 28)
@@ -104,7 +109,7 @@ def kornia_modules():
 
 
 def test_fused_crop_alone_equals_kornia_inside_the_border():
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(0)
     crop, _, _ = kornia_modules()
@@ -118,18 +123,18 @@ def test_fused_crop_alone_equals_kornia_inside_the_border():
 
 
 def test_fused_affine_alone_equals_kornia():
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(1)
     _, affine, _ = kornia_modules()
     x = torch.rand(32, 1, 28, 28)
     params = {"affine": affine.forward_parameters(x.shape)}
     torch.testing.assert_close(FusedWarp(None, affine, None, (28, 28))(x, params),
-                               affine(x, params=params["affine"]), rtol=0, atol=1e-5)
+                               affine(x, params=params["affine"]), rtol=0, atol=KORNIA_ATOL)
 
 
 def test_fused_elastic_alone_with_kornias_noise_equals_kornia():
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(2)
     _, _, elastic = kornia_modules()
@@ -148,7 +153,7 @@ def test_fused_composition_matches_kornias_chain_on_smooth_images(seed):
     all pixels the frames' padding is reproduced too: mean 0.0017; the max (0.16) sits where a frame edge cuts
     a blob and the chain interpolates that hard edge once more. The rotation drawn with the wrong sign gives
     max errors of 0.67-0.84."""
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(seed)
     crop, affine, elastic = kornia_modules()
@@ -172,7 +177,7 @@ def test_fused_warp_blackens_the_crops_frame_like_the_chain(steps):
     """Kornia's affine (or elastic) step reads the *cropped* image and pads it with zeros. On a constant
     image the fused warp's frame weight must give exactly the chain's output (fp32 rounding, atol 1e-5),
     including where the crop box touches the image border (no double darkening)."""
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(4)
     mods = dict(zip(("crop", "affine", "elastic"), kornia_modules()))
@@ -183,14 +188,14 @@ def test_fused_warp_blackens_the_crops_frame_like_the_chain(steps):
         ref = mods[k](ref, params=params[k])
     assert float(ref.min()) < 0.5                                       # the chain did pad
     ours = FusedWarp(*(mods[k] if k in steps else None for k in mods), (28, 28))(x, params)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
 
 
 def test_low_rank_elastic_field_has_the_exact_fields_covariance():
     """The drawn field's covariance per axis is L L^T, against Kornia's B B^T / 3 for uniform noise (B: the
     blur matrix). Rank 8 keeps >= 99.5% of the variance of the 2-D field, and fields drawn from it have the
     per-pixel standard deviation the exact covariance predicts (within 5% at 4,000 draws)."""
-    from fastclr.augment import FusedWarp, _blur_matrix
+    from fastclr.warp import FusedWarp, _blur_matrix
 
     _, _, elastic = kornia_modules()
     warp = FusedWarp(None, None, elastic, (28, 28))
@@ -248,7 +253,7 @@ def test_random_thickness_uses_exactly_dilation_or_erosion():
 def test_fused_crop_follows_kornias_align_corners_flag():
     import kornia.augmentation as K
 
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     torch.manual_seed(3)
     crop = K.RandomResizedCrop((28, 28), scale=(0.6, 1.0), align_corners=False)
@@ -260,7 +265,7 @@ def test_fused_crop_follows_kornias_align_corners_flag():
 
 
 def test_elastic_rank_none_draws_kornias_per_pixel_noise():
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     _, _, elastic = kornia_modules()
     params = FusedWarp(None, None, elastic, (28, 28), elastic_rank=None).draw(torch.Size((4, 1, 28, 28)))

@@ -181,7 +181,7 @@ def _warps():
     """FusedWarp configurations: every frame combination, both padding modes, a non-square resize."""
     import kornia.augmentation as K
 
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     crop = lambda size: K.RandomResizedCrop(size, scale=(0.6, 1.0))      # noqa: E731
     affine = K.RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10, p=1.0)
@@ -215,7 +215,7 @@ def test_warp_with_kornias_dense_noise_uses_pytorch_ops():
     """The exact (per-pixel noise) elastic field has no low-rank core: FusedWarp keeps PyTorch's ops."""
     import kornia.augmentation as K
 
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     fw = FusedWarp(None, None, K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=1.0), (28, 28),
                    elastic_rank=None, cpu_kernel=True)
@@ -268,7 +268,7 @@ def _op_samples():
     """(op, args) for every kernel op, at small shapes; autograd inputs where training needs a gradient."""
     import kornia.augmentation as K
 
-    from fastclr.augment import FusedWarp
+    from fastclr.warp import FusedWarp
 
     g = torch.Generator().manual_seed(0)
     pool_x = [torch.randn(2, 16, 4, 6, generator=g).to(dt).contiguous(memory_format=torch.channels_last)

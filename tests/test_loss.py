@@ -15,7 +15,7 @@ from fastclr.loss import NTXentLoss, ntxent_compiled, ntxent_reference, resolve_
 IMPLS = ["reference", "compiled", "tiled"]
 # fp32 CPU cases that the Triton kernels join under the interpreter (it runs no float64 or bf16; those, and
 # the GPU cases, are in tests/test_triton_ntxent.py)
-FP32_IMPLS = IMPLS + (["triton"] if triton_ntxent.interpreting() else [])
+FP32_IMPLS = IMPLS + (["triton"] if triton_ntxent.available() and triton_ntxent.interpreting() else [])
 # bf16 keeps 8 mantissa bits (~3 significant digits) in the *inputs*; the loss itself runs in fp32.
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 FP16_TOL = dict(rtol=5e-3, atol=5e-3)

@@ -13,7 +13,7 @@ from fastclr.loss import NTXentLoss, ntxent_reference, ntxent_triton
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.skipif(not triton_ntxent.available() or not (ON_GPU or triton_ntxent.interpreting()),
-                                reason="needs Triton, and a GPU or TRITON_INTERPRET=1")
+                                reason="needs Triton >= 3.6, and a GPU or TRITON_INTERPRET=1")
 CPU_TOL = 1e-5          # interpreter, fp32 with exact dots, against float64
 
 # (N pairs, D, t): N=2 (the smallest), M=2N not a multiple of the 16-row block, D not a power of two,
@@ -167,3 +167,9 @@ def test_gpu_auto_picks_a_measured_impl_that_agrees(n):
         assert resolve_impl(z1, 0.2) in ("triton", "reference", "tiled")
     got = NTXentLoss(0.2, impl="auto")(z1, z2)
     assert_close_rel(got, ntxent_reference(z1.double(), z2.double(), 0.2), 1e-3)
+
+
+def test_an_old_triton_is_refused_with_the_version_it_needs(monkeypatch):
+    monkeypatch.setattr(triton_ntxent, "_version", lambda: (3, 1))
+    with pytest.raises(RuntimeError, match=r"needs Triton >= 3\.6 \(found .*impl='tiled'"):
+        NTXentLoss(0.5, impl="triton")(torch.randn(4, 8, device=DEV), torch.randn(4, 8, device=DEV))
