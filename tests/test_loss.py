@@ -228,7 +228,12 @@ def test_tiled_memory_stays_bounded_at_large_n():
 def _dist_worker(rank, world, init_file, impl, x, w, result_q):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from datetime import timedelta
+
+    # a bounded wait: a rank stuck in rendezvous or a collective raises (and fails the test) instead of hanging
+    # the suite (seen once under torch 2.5.1, docs/versions.md)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     layer = torch.nn.Linear(x.shape[1], 8, bias=False)
     with torch.no_grad():
         layer.weight.copy_(w)
