@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .warp import FusedWarp, WarpPlan  # noqa: F401  (WarpPlan re-exported: part of the fused path's API)
+from .warp import FusedWarp
 
 
 class SimCLRAugment(nn.Module):

@@ -7,7 +7,7 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
   ``F.relu(F.max_pool2d(x, 2))``, ties included (the first maximum in raster order).
 * :func:`conv3x3_pool_relu` (autograd): the tutorial network's first block, a 3x3 conv with one input channel
   on the normalised image, then the pool and the ReLU, without writing the full-resolution conv output.
-* :func:`warp_sample`: ``fastclr.augment.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
+* :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 
 Each is a ``torch.library`` custom op (``torch.ops.fastclr.*``: schema, fake function, autograd formula), so
@@ -347,9 +347,9 @@ def _(x, core, ybasis, xbasis, frames, h, w, border):
 
 def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames: Tensor,
                 size: tuple[int, int], border: bool) -> Tensor:
-    """``fastclr.augment.FusedWarp``'s grid, frame weight and bilinear ``grid_sample`` (align_corners=True) in
+    """``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear ``grid_sample`` (align_corners=True) in
     one pass: the grid is built row by row from its low-rank core and never stored. Shapes as in
-    ``fastclr.augment.WarpPlan``; x (B, 1, H_in, W_in) -> (B, 1, *size)."""
+    ``fastclr.warp.WarpPlan``; x (B, 1, H_in, W_in) -> (B, 1, *size)."""
     h, w = size
     if core.shape[-1] > 32 or w > MAX_WIDTH:
         raise ValueError(f"warp_sample takes rank <= 32 and width <= {MAX_WIDTH}, got {core.shape[-1]} and {w}")

@@ -195,7 +195,7 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
     return 0;
 }
 
-/* FusedWarp's resampling (fastclr/augment.py) for 1-channel images: the sampling grid from its low-rank
+/* FusedWarp's resampling (fastclr/warp.py) for 1-channel images: the sampling grid from its low-rank
  * form, the frame weight, and bilinear sampling (align_corners=True), in one pass per output row.
  *   grid_k[h, w] = sum_ij ybasis[h, i] core[b, k, i, j] xbasis[w, j]          k = 0 (x), 1 (y); grid units
  *   frame f point t = F[b, f, :, :2] @ grid + F[b, f, :, 2];   weight = prod over f and axes of
