@@ -1,5 +1,8 @@
 """fastclr.kernels against the PyTorch layers they replace: values and gradients, ties, bf16, fallbacks."""
 import copy
+import os
+import shutil
+import sys
 import warnings
 
 import pytest
@@ -330,3 +333,11 @@ def test_compiled_encoder_with_kernels_equals_eager(kernel_calls):
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which(os.environ.get("CC", "cc")) is None,
+                    reason="the kernels build on Linux with a C compiler only")
+def test_kernels_build_and_pass_their_self_check_here():
+    """Where a C compiler is there, the kernels must be available: a kernel broken badly enough to fail the
+    load-time self-check would otherwise only skip the tests above (with a warning), never fail them."""
+    assert kernels.available()
