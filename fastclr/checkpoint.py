@@ -50,14 +50,6 @@ class TrainState:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "TrainState":
-        if "state" in ckpt:
-            return cls(**ckpt["state"])
-        # format 1 kept the fields at the top level
-        return cls(step=ckpt["step"], epoch=ckpt["epoch"], batch=ckpt["batch_in_epoch"],
-                   losses=list(ckpt["losses"]), train_seconds=ckpt["train_seconds"])
-
 
 # --------------------------------------------------------------------------- RNG states as plain data
 
@@ -72,19 +64,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`'s output (or format 1's, which held numpy's state as an ndarray)."""
-    random.setstate(_as_tuples(state["python"]))
+    """Restore :func:`rng_state`'s output (format 2; format-1 files are not resumed)."""
+    random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(x):
-    """random.setstate wants tuples all the way down; keep them tuples whatever a loader hands back."""
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # --------------------------------------------------------------------------- writing

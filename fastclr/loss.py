@@ -57,6 +57,11 @@ def _stack_normalised(z1: Tensor, z2: Tensor) -> Tensor:
     return F.normalize(z, dim=1)
 
 
+def _positive_logits(z: Tensor, inv_t) -> Tensor:
+    """s_{i, p(i)}, each row's similarity to its other view: (2N, D) -> (2N,)."""
+    return (z * z.roll(z.shape[0] // 2, dims=0)).sum(dim=1) * inv_t
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -100,7 +105,7 @@ def _dense_forward(z: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
     diag = torch.arange(m, device=z.device)
     logits = torch.where(diag[:, None] == diag[None, :], float("-inf"), logits)
     lse = torch.logsumexp(logits, dim=1)                                  # (M,)
-    pos = (z * z.roll(m // 2, dims=0)).sum(dim=1) * inv_t                 # (M,)
+    pos = _positive_logits(z, inv_t)                                      # (M,)
     prob = torch.exp(logits - lse[:, None])                               # (M, M), 0 on the diagonal
     return (lse - pos).mean(), prob
 
@@ -193,7 +198,7 @@ class _TiledNTXent(torch.autograd.Function):
             if j0 != i0:  # the mirrored tile s_JI = s_IJ^T, without recomputing it
                 _online_lse_update(run_max[j0:j1], run_sum[j0:j1], s.T)
         lse = run_max + torch.log(run_sum)
-        pos = (z * z.roll(m // 2, dims=0)).sum(dim=1) * inv_t
+        pos = _positive_logits(z, inv_t)
         ctx.save_for_backward(z, lse)
         ctx.inv_t, ctx.tile = inv_t, tile
         return (lse - pos).mean()
@@ -232,13 +237,11 @@ def ntxent_triton(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     (both accumulate in fp32); float64 is refused (the kernels have no fp64 dots)."""
     from . import triton_ntxent
 
-    n = z1.shape[0]
     with _no_autocast(z1.device):
         z = _stack_normalised(z1, z2)                                       # (2N, D), fp32
         half = z1.dtype in (torch.bfloat16, torch.float16)
         lse = triton_ntxent.row_lse(z, temperature, z1.dtype if half else None)   # (2N,) fp32
-        pos = (z * z.roll(n, dims=0)).sum(dim=1) / temperature             # s_{i, p(i)}
-        return (lse - pos).mean()
+        return (lse - _positive_logits(z, 1.0 / temperature)).mean()
 
 
 # --------------------------------------------------------------------------- auto: measured, not assumed
