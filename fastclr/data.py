@@ -269,23 +269,30 @@ class _TwoViewDataset(torch.utils.data.Dataset):
 
 
 def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1),
-                         thickness_p=0.5, elastic_p=0.8, identity: bool = False):
-    """Per-sample CPU transforms (torchvision.transforms.v2) approximating SimCLRAugment's: the same crop,
-    affine and thickness; torchvision's elastic warp is parametrised in pixels, Kornia's in grid units."""
+                         thickness_p=0.5, elastic_p=0.8, hflip_p=0.0, brightness=0.0, contrast=0.0, jitter_p=0.8,
+                         blur_p=0.0, identity: bool = False):
+    """Per-sample CPU transforms (torchvision.transforms.v2) approximating SimCLRAugment's: the same flip, crop,
+    affine, thickness and intensity jitter; torchvision's elastic warp is parametrised in pixels, Kornia's in grid
+    units, and its blur draws one sigma per image as Kornia's does."""
     from torchvision.transforms import v2
 
-    from .augment import RandomThickness
+    from .augment import RandomIntensity, RandomThickness
 
     if identity:
         return v2.ToDtype(torch.float32, scale=True)
     thickness = RandomThickness(thickness_p)
-    return v2.Compose([
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Lambda(lambda x: thickness(x[None])[0]),
-        v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
-        v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
-        v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=4.0)], p=elastic_p),
-    ])
+    steps = [v2.ToDtype(torch.float32, scale=True), v2.Lambda(lambda x: thickness(x[None])[0])]
+    if hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip_p))
+    steps += [v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
+              v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
+              v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=4.0)], p=elastic_p)]
+    if brightness > 0 or contrast > 0:
+        intensity = RandomIntensity(brightness, contrast, jitter_p)
+        steps.append(v2.Lambda(lambda x: intensity(x[None])[0]))
+    if blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=blur_p))
+    return v2.Compose(steps)
 
 
 class _Batches:

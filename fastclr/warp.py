@@ -34,7 +34,8 @@ class WarpPlan:
 
 
 class FusedWarp(nn.Module):
-    """Kornia's RandomResizedCrop -> RandomAffine -> RandomElasticTransform as ONE resampling.
+    """Kornia's RandomHorizontalFlip -> RandomResizedCrop -> RandomAffine -> RandomElasticTransform as ONE
+    resampling (each step optional).
 
     Kornia's crop and affine modules draw the per-sample parameters (``forward_parameters``: their
     distributions exactly); this module turns them into one sampling grid. In pixel-index coordinates
@@ -59,7 +60,7 @@ class FusedWarp(nn.Module):
     tests use this to compare with Kornia's output).
 
     Args:
-        crop, affine, elastic: configured Kornia modules, or ``None`` to leave that step out.
+        crop, affine, elastic, flip: configured Kornia modules, or ``None`` to leave that step out.
         size: output (H, W).
         elastic_rank: eigen-directions per axis kept for the elastic field; ``None``: Kornia's per-pixel noise
             and the exact blur.
@@ -70,9 +71,10 @@ class FusedWarp(nn.Module):
 
     def __init__(self, crop: K.RandomResizedCrop | None, affine: K.RandomAffine | None,
                  elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8,
-                 cpu_kernel: bool = False):
+                 cpu_kernel: bool = False, flip: K.RandomHorizontalFlip | None = None):
         super().__init__()
         self.crop, self.affine, self.elastic, self.size = crop, affine, elastic, tuple(size)
+        self.flip = flip
         self.elastic_rank = elastic_rank
         self.cpu_kernel = cpu_kernel
         self._factors: dict = {}
@@ -81,7 +83,7 @@ class FusedWarp(nn.Module):
         """One parameter set per sample (global torch RNG): Kornia's for crop and affine, and for the elastic
         field its on/off draw (probability p) and the (B, 2, rank, rank) coefficients described above."""
         params = {name: m.forward_parameters(shape) for name, m in
-                  (("crop", self.crop), ("affine", self.affine)) if m is not None}
+                  (("flip", self.flip), ("crop", self.crop), ("affine", self.affine)) if m is not None}
         if self.elastic is not None and self.elastic_rank is None:
             params["elastic"] = self.elastic.forward_parameters(shape)      # Kornia's per-pixel noise
         elif self.elastic is not None:
@@ -143,6 +145,8 @@ class FusedWarp(nn.Module):
         eye = torch.eye(3, device=x.device).expand(b, 3, 3)
         a_inv = self._affine_inverse(x, params, eye)                   # affine output pixel -> its input pixel
         crop = self._crop_matrix(params, eye, (h_in, w_in))           # crop output pixel -> input pixel
+        if "flip" in params:                                            # the flip comes first: it acts last here
+            crop = self._flip_matrix(params["flip"], eye, w_in) @ crop
         # pixel index -> align_corners=True grid units (-1 at pixel 0, +1 at the last pixel)
         to_grid = torch.tensor([[2 / (w_in - 1), 0, -1], [0, 2 / (h_in - 1), -1], [0, 0, 1]], device=x.device)
         m = to_grid @ crop @ a_inv                                      # output pixel -> grid units
@@ -160,6 +164,14 @@ class FusedWarp(nn.Module):
         a = self.affine.compute_transformation(x, params["affine"], self.affine.flags).float()
         on = params["affine"]["batch_prob"].to(x.device).bool()[:, None, None]
         return torch.where(on, torch.linalg.inv(a), eye)
+
+    @staticmethod
+    def _flip_matrix(params: dict, eye: Tensor, w_in: int) -> Tensor:
+        """(B, 3, 3): x -> (W - 1) - x for the samples Kornia's RandomHorizontalFlip chose (``batch_prob``), else
+        the identity. Folded into the crop matrix, a flip costs no pass over the images."""
+        on = params["batch_prob"].to(eye.device).bool()[:, None, None]
+        flip = torch.tensor([[-1.0, 0.0, w_in - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=eye.device)
+        return torch.where(on, flip, eye)
 
     def _crop_matrix(self, params: dict, eye: Tensor, in_size: tuple[int, int]) -> Tensor:
         """(B, 3, 3): crop output pixel -> input pixel, from Kornia's crop box (identity without a crop)."""

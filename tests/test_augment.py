@@ -272,3 +272,103 @@ def test_elastic_rank_none_draws_kornias_per_pixel_noise():
     assert params["elastic"]["noise"].shape == (4, 2, 28, 28)
     low = FusedWarp(None, None, elastic, (28, 28)).draw(torch.Size((4, 1, 28, 28)))
     assert low["elastic"]["coeffs"].shape == (4, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------- clothing augmentations (flip, jitter, blur)
+
+CLOTHING = dict(hflip_p=0.5, brightness=0.2, contrast=0.3, blur_p=0.3)
+
+
+def test_fused_flip_with_affine_equals_kornias_flip_then_affine():
+    """The flip is folded into the warp's matrix; Kornia flips the pixels, then warps."""
+    import kornia.augmentation as K
+
+    from fastclr.warp import FusedWarp
+
+    torch.manual_seed(5)
+    flip, (_, affine, _) = K.RandomHorizontalFlip(p=0.5), kornia_modules()
+    x = torch.rand(32, 1, 28, 28)
+    params = {"flip": flip.forward_parameters(x.shape), "affine": affine.forward_parameters(x.shape)}
+    assert 0 < int(params["flip"]["batch_prob"].sum()) < 32              # some flipped, some not
+    ours = FusedWarp(None, affine, None, (28, 28), flip=flip)(x, params)
+    ref = affine(flip(x, params=params["flip"]), params=params["affine"])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
+    alone = FusedWarp(None, None, None, (28, 28), flip=flip)(x, {"flip": params["flip"]})
+    torch.testing.assert_close(alone, flip(x, params=params["flip"]), rtol=0, atol=1e-5)
+
+
+def test_fused_flip_then_crop_reads_the_crop_box_in_the_flipped_image():
+    """Kornia flips first, then crops its box out of the flipped image. Inside the border (see the crop-alone
+    test) the one resampling equals the chain to fp32 rounding; on a constant image flip, crop and affine
+    together also reproduce the chain's black frames exactly."""
+    import kornia.augmentation as K
+
+    from fastclr.warp import FusedWarp
+
+    torch.manual_seed(6)
+    flip, (crop, affine, _) = K.RandomHorizontalFlip(p=0.5), kornia_modules()
+    x = torch.rand(64, 1, 28, 28)
+    params = {"flip": flip.forward_parameters(x.shape), "crop": crop.forward_parameters(x.shape)}
+    ref = crop(flip(x, params=params["flip"]), params=params["crop"])
+    ours = FusedWarp(crop, None, None, (28, 28), flip=flip)(x, params)
+    torch.testing.assert_close(ours[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], rtol=0, atol=1e-5)
+
+    ones = torch.ones_like(x)
+    params["affine"] = affine.forward_parameters(x.shape)
+    ref = affine(crop(flip(ones, params=params["flip"]), params=params["crop"]), params=params["affine"])
+    assert float(ref.min()) < 0.5                                       # the chain did pad
+    ours = FusedWarp(crop, affine, None, (28, 28), flip=flip)(ones, params)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
+
+
+def test_random_intensity_equals_kornias_contrast_then_brightness():
+    from kornia.enhance import adjust_brightness, adjust_contrast
+
+    from fastclr.augment import RandomIntensity
+
+    torch.manual_seed(7)
+    x = torch.rand(64, 1, 28, 28)
+    jitter = RandomIntensity(brightness=0.3, contrast=0.5, p=0.8)
+    params = jitter.draw(64, x.device)
+    on = params["contrast"] != 1
+    assert 30 < int(on.sum()) < 64 and bool((params["brightness"][~on] == 0).all())
+    assert float(params["contrast"].min()) >= 0.5 and float(params["contrast"].max()) <= 1.5
+    assert float(params["brightness"].abs().max()) <= 0.3
+    ref = adjust_brightness(adjust_contrast(x, params["contrast"]), params["brightness"])
+    torch.testing.assert_close(jitter(x.clone(), params), ref, rtol=0, atol=1e-6)
+
+
+def test_random_intensity_rejects_ranges_that_leave_zero_one():
+    from fastclr.augment import RandomIntensity
+
+    with pytest.raises(ValueError, match="contrast"):
+        RandomIntensity(contrast=1.5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "kornia"])
+def test_clothing_augmentations_are_per_sample_seeded_and_in_range(impl):
+    aug = SimCLRAugment(impl=impl, **CLOTHING)
+    x = digit_like(1).repeat(64, 1, 1, 1)
+    torch.manual_seed(11)
+    a, b = aug(x), aug(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(aug(x), a, rtol=0, atol=0)
+    assert not torch.equal(a, b)
+    assert len({tuple(v.flatten().mul(1000).round().int().tolist()) for v in a}) >= 60
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    # flips happen: the bar across the stroke (columns 8-19, off-centre) lands on either side
+    mass_left = a[..., :, :14].sum((1, 2, 3)) / a.sum((1, 2, 3))
+    assert float(mass_left.min()) < 0.5 < float(mass_left.max())
+
+
+def test_fused_flip_uses_the_cpu_kernel_path_too():
+    from fastclr import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    x = torch.rand(32, 1, 28, 28)
+    torch.manual_seed(3)
+    ref = SimCLRAugment(hflip_p=0.5, thickness_p=0)(x)
+    torch.manual_seed(3)
+    ours = SimCLRAugment(hflip_p=0.5, thickness_p=0, cpu_kernels=True)(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
