@@ -2,6 +2,8 @@
 
 Every field becomes a flag (``batch_size`` -> ``--batch-size``; booleans get ``--x/--no-x``), its help is
 the field's ``help`` metadata, and the resolved config is saved in ``metrics.json`` and the checkpoint.
+The defaults are the ``mnist`` recipe; :func:`resolve_config` applies a named recipe (``fastclr.recipes``)
+under the flags given on the command line: defaults < recipe < flags.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from . import recipes
 from .backend import FastclrError
 
 
@@ -19,6 +22,8 @@ def _f(default, help: str, choices=None):
 
 @dataclass
 class TrainConfig:
+    recipe: str = _f("mnist", "named recipe (fastclr.recipes; default: the dataset's own, mnist or fashion-mnist); "
+                              "flags given with it override its fields", list(recipes.RECIPES))
     # data
     dataset: str = _f("mnist", "dataset to train on", ["mnist", "fashion-mnist"])
     data_dir: typing.Optional[str] = _f(None, "dataset root holding MNIST/raw or FashionMNIST/raw "
@@ -53,6 +58,11 @@ class TrainConfig:
     translate: float = _f(0.1, "translation range, fraction of the image size")
     shear: float = _f(10.0, "shear range, +-degrees")
     erase_p: float = _f(0.0, "random-erasing probability")
+    hflip_p: float = _f(0.0, "horizontal-flip probability (clothing is left-right symmetric; digits are not)")
+    brightness: float = _f(0.0, "per-sample brightness shift range, +- (0: off)")
+    contrast: float = _f(0.0, "per-sample contrast factor range, 1 +- contrast (0: off)")
+    jitter_p: float = _f(0.8, "probability of the brightness/contrast jitter per sample")
+    blur_p: float = _f(0.0, "Gaussian-blur probability (3x3, sigma 0.1-1 per sample)")
     thickness_p: float = _f(0.5, "probability of a random stroke-thickness change (dilate or erode)")
     elastic_p: float = _f(0.8, "probability of an elastic deformation")
     aug: bool = _f(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)")
@@ -100,6 +110,10 @@ class TrainConfig:
             raise FastclrError(f"--target-knn must be in [0, 1], got {self.target_knn}")
         if not 0 < self.crop_min <= 1:
             raise FastclrError(f"--crop-min must be in (0, 1], got {self.crop_min}")
+        for name in ("erase_p", "hflip_p", "brightness", "contrast", "jitter_p", "blur_p", "thickness_p",
+                     "elastic_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FastclrError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -129,4 +143,29 @@ def build_parser(prog: str = "python -m fastclr.train", description: str = "") -
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """Every field from ``ns`` as parsed (no recipe applied: see :func:`resolve_config`)."""
     return TrainConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+_UNSET = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> dict:
+    """The fields set on the command line ``argv`` (argparse leaves a pre-set attribute alone when its flag is
+    absent, so a sentinel marks the ones not given)."""
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
+    ns = parser.parse_args(argv, namespace=probe)
+    return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+
+
+def resolve_config(given: dict, default_recipe: str | None = None) -> TrainConfig:
+    """TrainConfig from the fields ``given`` on the command line over their recipe: ``given["recipe"]``, else
+    ``default_recipe``, else the dataset's own (``fastclr.recipes.default_recipe``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in given.items() if k in names}
+    name = given.get("recipe") or default_recipe or recipes.default_recipe(given.get("dataset", "mnist"))
+    try:
+        settings = recipes.recipe_settings(name)
+    except ValueError as exc:
+        raise FastclrError(f"--recipe: {exc}") from None
+    return TrainConfig(**{**settings, **given})

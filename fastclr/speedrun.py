@@ -10,10 +10,9 @@ import sys
 import time
 
 from .backend import FastclrError
-from .config import build_parser, config_from_args
+from .config import build_parser, given_flags, resolve_config
 
-# The recipe (see README, "Speedrun"): overrides of fastclr.train's defaults.
-RECIPE = dict(epochs=5, tsne_points=0, pixel_knn=False, linear_probe=False)
+RECIPE = "mnist-speedrun"        # fastclr.recipes; --recipe picks another
 DEFAULT_TARGET = 0.985
 
 
@@ -21,16 +20,16 @@ def main(argv=None) -> int:
     parser = build_parser(prog="python -m fastclr.speedrun", description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=None,
                         help="k-NN accuracy to reach (default 0.985; --target-knn is the same setting)")
-    parser.set_defaults(**RECIPE)
-    args = parser.parse_args(argv)
-    if args.target is not None and args.target_knn and args.target != args.target_knn:
-        parser.error(f"--target {args.target} and --target-knn {args.target_knn} disagree: give one")
-    args.target_knn = args.target if args.target is not None else (args.target_knn or DEFAULT_TARGET)
-    cfg = config_from_args(args)
+    given = given_flags(parser, argv)
+    target = given.pop("target", None)
+    if target is not None and given.get("target_knn") and target != given["target_knn"]:
+        parser.error(f"--target {target} and --target-knn {given['target_knn']} disagree: give one")
+    given["target_knn"] = target if target is not None else (given.get("target_knn") or DEFAULT_TARGET)
     from .train import train
 
     t0 = time.perf_counter()
     try:
+        cfg = resolve_config(given, default_recipe=RECIPE)
         metrics = train(cfg)
     except FastclrError as exc:
         print(f"fastclr.speedrun: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from .augment import SimCLRAugment
 from .backend import FastclrError
 from .checkpoint import (CHECKPOINT_FORMAT, TrainState, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
-from .config import TrainConfig, build_parser, config_from_args
+from .config import TrainConfig, build_parser, given_flags, resolve_config
 from .data import DevicePairs, PairSource, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
 from .eval import evaluate
 from .loss import NTXentLoss
@@ -219,13 +219,16 @@ def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: backend.Runtime,
     if cfg.loader == "device":
         augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
                                 erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
-                                impl=cfg.aug_impl, cpu_kernels=runtime.cpu_kernels) \
+                                hflip_p=cfg.hflip_p, brightness=cfg.brightness, contrast=cfg.contrast,
+                                jitter_p=cfg.jitter_p, blur_p=cfg.blur_p, impl=cfg.aug_impl,
+                                cpu_kernels=runtime.cpu_kernels) \
             if cfg.aug else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)
     transform = torchvision_transform(crop_scale=crop or (1.0, 1.0), degrees=cfg.degrees, translate=cfg.translate,
                                       shear=cfg.shear, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
-                                      identity=not cfg.aug)
+                                      hflip_p=cfg.hflip_p, brightness=cfg.brightness, contrast=cfg.contrast,
+                                      jitter_p=cfg.jitter_p, blur_p=cfg.blur_p, identity=not cfg.aug)
     return TorchvisionPairs(images, cfg.batch_size, runtime.device, cfg.workers, seed=cfg.seed,
                             rank=d.rank, world_size=d.world_size, transform=transform)
 
@@ -436,11 +439,13 @@ def _version(pkg: str) -> str | None:
 # settings that change what a resumed run computes; anything else (logging, evaluation, output) may differ
 _RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "max_steps",
                 "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "seed", "train_subset", "loader",
-                "aug", "aug_impl", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p")
+                "aug", "aug_impl", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p",
+                "hflip_p", "brightness", "contrast", "jitter_p", "blur_p")
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    # a key a checkpoint lacks was written before that setting existed: it ran with the default
+    diff = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainConfig(), k)) != getattr(cfg, k)]
     if diff:
         pairs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff)
         raise FastclrError(f"--resume needs the settings of the saved run: {pairs}")
@@ -449,8 +454,8 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
 def main(argv=None) -> int:
     parser = build_parser(description="Train SimCLR (NT-Xent) on MNIST or Fashion-MNIST, then evaluate "
                                       "(k-NN, linear probe, t-SNE).")
-    cfg = config_from_args(parser.parse_args(argv))
     try:
+        cfg = resolve_config(given_flags(parser, argv))
         metrics = train(cfg)
     except FastclrError as exc:
         print(f"fastclr.train: error: {exc}", file=sys.stderr)

@@ -1,0 +1,64 @@
+import dataclasses
+
+import pytest
+
+from fastclr.backend import FastclrError
+from fastclr.config import TrainConfig, build_parser, given_flags, resolve_config
+from fastclr.recipes import DATASET_RECIPE, RECIPES
+
+
+def resolve(argv, **kw):
+    return resolve_config(given_flags(build_parser(), argv), **kw)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_names_real_fields_and_validates(name):
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RECIPES[name].settings) <= fields
+    cfg = resolve(["--recipe", name])
+    cfg.validate()
+    assert cfg.recipe == name
+    for key, value in RECIPES[name].settings.items():
+        assert getattr(cfg, key) == value
+
+
+def test_no_flags_give_the_mnist_recipe_which_is_the_dataclass_defaults():
+    assert resolve([]) == TrainConfig()
+    assert RECIPES["mnist"].settings == {}
+
+
+def test_the_dataset_picks_its_own_recipe():
+    cfg = resolve(["--dataset", "fashion-mnist"])
+    assert cfg.recipe == "fashion-mnist" == DATASET_RECIPE["fashion-mnist"]
+    assert cfg.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"] > 0
+    assert resolve(["--dataset", "mnist"]).recipe == "mnist"
+
+
+def test_flags_override_the_recipe_even_when_they_equal_the_dataclass_default():
+    cfg = resolve(["--recipe", "fashion-mnist", "--epochs", "1", "--thickness-p", "0.5", "--hflip-p", "0"])
+    assert (cfg.epochs, cfg.thickness_p, cfg.hflip_p) == (1, 0.5, 0.0)
+    assert cfg.dataset == "fashion-mnist"
+    # a recipe on the other dataset: the flag wins, the rest of the recipe stays
+    cfg = resolve(["--recipe", "fashion-mnist", "--dataset", "mnist"])
+    assert cfg.dataset == "mnist" and cfg.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"]
+
+
+def test_boolean_flags_count_as_given():
+    cfg = resolve(["--recipe", "mnist-speedrun", "--pixel-knn"])
+    assert cfg.pixel_knn and not cfg.linear_probe
+
+
+def test_a_callers_default_recipe_yields_to_an_explicit_one():
+    assert resolve([], default_recipe="mnist-speedrun").recipe == "mnist-speedrun"
+    assert resolve(["--recipe", "mnist"], default_recipe="mnist-speedrun").recipe == "mnist"
+
+
+def test_unknown_recipe_is_one_clear_error():
+    with pytest.raises(FastclrError, match="unknown recipe 'imagenet'.*fashion-mnist"):
+        resolve(["--recipe", "imagenet"])
+
+
+@pytest.mark.parametrize("flag", ["--hflip-p", "--brightness", "--contrast", "--blur-p", "--jitter-p"])
+def test_new_augmentation_flags_are_probabilities_or_ranges_in_zero_one(flag):
+    with pytest.raises(FastclrError, match=flag):
+        resolve([flag, "1.5"]).validate()
