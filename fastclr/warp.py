@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kornia.filters.kernels import get_gaussian_kernel1d
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, sampling
 
 
 @dataclasses.dataclass
@@ -71,8 +71,11 @@ class FusedWarp(nn.Module):
 
     def __init__(self, crop: K.RandomResizedCrop | None, affine: K.RandomAffine | None,
                  elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8,
-                 cpu_kernel: bool = False, flip: K.RandomHorizontalFlip | None = None):
+                 cpu_kernel: bool = False, flip: K.RandomHorizontalFlip | None = None, sampler: str = "device"):
         super().__init__()
+        if sampler not in ("device", "kornia"):
+            raise ValueError(f"sampler must be 'device' or 'kornia', got {sampler!r}")
+        self.sampler = sampler
         self.crop, self.affine, self.elastic, self.size = crop, affine, elastic, tuple(size)
         self.flip = flip
         self.elastic_rank = elastic_rank
@@ -80,16 +83,35 @@ class FusedWarp(nn.Module):
         self._factors: dict = {}
 
     def draw(self, shape: torch.Size, device: torch.device | str = "cpu") -> dict:
-        """One parameter set per sample (global torch RNG): Kornia's for crop and affine, and for the elastic
-        field its on/off draw (probability p) and the (B, 2, rank, rank) coefficients described above."""
-        params = {name: m.forward_parameters(shape) for name, m in
-                  (("flip", self.flip), ("crop", self.crop), ("affine", self.affine)) if m is not None}
+        """One parameter set per sample, from torch's generator for ``device``: flip, crop and affine from
+        ``fastclr.sampling`` on ``device`` (``sampler="device"``, the default) or from Kornia's own samplers (on
+        the CPU; ``sampler="kornia"``), in Kornia's parameter format either way; for the elastic field its on/off
+        draw (probability p) and the (B, 2, rank, rank) coefficients described above, on ``device``."""
+        if self.sampler == "kornia":
+            params = {name: m.forward_parameters(shape) for name, m in
+                      (("flip", self.flip), ("crop", self.crop), ("affine", self.affine)) if m is not None}
+        else:
+            params = self._draw_on_device(shape, device)
         if self.elastic is not None and self.elastic_rank is None:
             params["elastic"] = self.elastic.forward_parameters(shape)      # Kornia's per-pixel noise
         elif self.elastic is not None:
             b, r = shape[0], min(self.elastic_rank, *self.size)
             params["elastic"] = {"batch_prob": torch.rand(b, device=device) < self.elastic.p,
                                  "coeffs": torch.randn(b, 2, r, r, device=device) * (1 / 3) ** 0.5}
+        return params
+
+    def _draw_on_device(self, shape: torch.Size, device) -> dict:
+        """Flip, crop and affine parameters with the distributions of the modules' Kornia samplers."""
+        b, params = shape[0], {}
+        if self.flip is not None:
+            params["flip"] = {"batch_prob": sampling.coin(b, self.flip.p, device)}
+        if self.crop is not None:
+            g = self.crop._param_generator
+            params["crop"] = sampling.resized_crop(b, tuple(shape[-2:]), tuple(g.scale), tuple(g.ratio), device)
+        if self.affine is not None:
+            g = self.affine._param_generator
+            params["affine"] = sampling.affine(b, self.size if self.crop is not None else tuple(shape[-2:]),
+                                               g.degrees, g.translate, g.scale, g.shear, device)
         return params
 
     def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
@@ -148,7 +170,7 @@ class FusedWarp(nn.Module):
         if "flip" in params:                                            # the flip comes first: it acts last here
             crop = self._flip_matrix(params["flip"], eye, w_in) @ crop
         # pixel index -> align_corners=True grid units (-1 at pixel 0, +1 at the last pixel)
-        to_grid = torch.tensor([[2 / (w_in - 1), 0, -1], [0, 2 / (h_in - 1), -1], [0, 0, 1]], device=x.device)
+        to_grid = _constant(((2 / (w_in - 1), 0.0, -1.0), (0.0, 2 / (h_in - 1), -1.0), (0.0, 0.0, 1.0)), x.device)
         m = to_grid @ crop @ a_inv                                      # output pixel -> grid units
         core, ybasis, xbasis = self._affine_core(m)
         dense = None
@@ -163,14 +185,14 @@ class FusedWarp(nn.Module):
             return eye
         a = self.affine.compute_transformation(x, params["affine"], self.affine.flags).float()
         on = params["affine"]["batch_prob"].to(x.device).bool()[:, None, None]
-        return torch.where(on, torch.linalg.inv(a), eye)
+        return torch.where(on, _inverse(a), eye)
 
     @staticmethod
     def _flip_matrix(params: dict, eye: Tensor, w_in: int) -> Tensor:
         """(B, 3, 3): x -> (W - 1) - x for the samples Kornia's RandomHorizontalFlip chose (``batch_prob``), else
         the identity. Folded into the crop matrix, a flip costs no pass over the images."""
         on = params["batch_prob"].to(eye.device).bool()[:, None, None]
-        flip = torch.tensor([[-1.0, 0.0, w_in - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=eye.device)
+        flip = _constant(((-1.0, 0.0, w_in - 1.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), eye.device)
         return torch.where(on, flip, eye)
 
     def _crop_matrix(self, params: dict, eye: Tensor, in_size: tuple[int, int]) -> Tensor:
@@ -229,11 +251,11 @@ class FusedWarp(nn.Module):
         frames = []
         has_crop, has_affine, has_elastic = "crop" in params, "affine" in params, "elastic" in params
         if (has_crop and has_affine) or (has_elastic and (has_crop or has_affine)):
-            pre = torch.linalg.inv(grid_of_crop)                        # grid units -> crop output pixel (q)
+            pre = _inverse(grid_of_crop)                        # grid units -> crop output pixel (q)
             if has_crop and has_affine:
                 frames.append(pre[:, :2])                               # the affine reads the crop's frame
             if has_elastic:                                             # p' = A q, the elastic's read point
-                frames.append((torch.linalg.inv(a_inv) @ pre)[:, :2])
+                frames.append((_inverse(a_inv) @ pre)[:, :2])
         return torch.stack(frames, 1) if frames else core.new_zeros(core.shape[0], 0, 2, 3)
 
     def elastic_scale(self, params: dict, h: int, w: int, dev) -> Tensor:
@@ -241,7 +263,7 @@ class FusedWarp(nn.Module):
         zero for the samples the module's p left out."""
         (ay, ax) = self.elastic.flags["alpha"]
         on = params["batch_prob"].to(dev).float()[:, None]
-        return on * torch.tensor([ax * w / 2, ay * h / 2], device=dev)
+        return on * _constant((ax * w / 2, ay * h / 2), dev)
 
     def exact_field(self, params: dict, h: int, w: int, dev) -> Tensor:
         """Kornia's field from Kornia's noise (B, 2, H, W): the Gaussian blur with a zero border is a banded
@@ -266,6 +288,24 @@ class FusedWarp(nn.Module):
             top = val.flip(0)[:rank].clamp_min(0).sqrt()
             self._factors[key] = (vec.flip(1)[:, :rank] * top).float().to(dev)
         return self._factors[key]
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple, device) -> Tensor:
+    """A small float32 constant, made once per device. Made from Python on every call it would be a host-to-device
+    copy per step on CUDA, which also keeps the step out of a CUDA graph."""
+    key = (values, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
+def _inverse(m: Tensor) -> Tensor:
+    """Batched matrix inverse without ``linalg.inv``'s singularity check, which reads a flag back from the device
+    (a host sync) on CUDA; the matrices here are affine maps with nonzero scale, never singular."""
+    return torch.linalg.inv_ex(m)[0]
 
 
 def _blur_matrix(n: int, ksize: int, sigma: float, dev) -> Tensor:

@@ -1,0 +1,122 @@
+"""fastclr.sampling draws Kornia's distributions on the images' device: the same parameters bit for bit from the
+same seed on the CPU, and two-sample Kolmogorov-Smirnov tests (20,000 independent draws each) that cannot tell
+them apart, while the same test rejects a sampler whose range is off by a few percent."""
+import kornia.augmentation as K
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from fastclr import sampling
+from fastclr.augment import SimCLRAugment
+from fastclr.warp import FusedWarp
+
+N = 20_000
+SHAPE = torch.Size((N, 1, 28, 28))
+P_SAME = 1e-3      # same distribution: a p-value below this happens once in 1,000 runs (seeds are fixed here)
+P_WRONG = 1e-6     # a range off by a few percent gives p < 1e-10 at N = 20,000
+
+
+def crop_fields(src):
+    return {"x0": src[:, 0, 0], "y0": src[:, 0, 1], "w": src[:, 2, 0] - src[:, 0, 0] + 1,
+            "h": src[:, 2, 1] - src[:, 0, 1] + 1}
+
+
+def affine_fields(p):
+    return {"angle": p["angle"], "tx": p["translations"][:, 0], "ty": p["translations"][:, 1],
+            "scale": p["scale"][:, 0], "shear_x": p["shear_x"], "shear_y": p["shear_y"]}
+
+
+def ks(a, b):
+    return ks_2samp(a.double().numpy(), b.double().numpy()).pvalue
+
+
+CROPS = [((0.6, 1.0), (0.75, 1.333)), ((0.08, 1.0), (0.75, 1.333)), ((0.2, 0.5), (0.5, 2.0))]
+AFFINES = [dict(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10),
+           dict(degrees=(-5, 30), translate=(0.2, 0.05), scale=(0.5, 1.5), shear=(-5, 5, -20, 3))]
+
+
+@pytest.mark.parametrize("scale, ratio", CROPS)
+def test_crop_sampler_matches_kornias(scale, ratio):
+    kornia_crop = K.RandomResizedCrop((28, 28), scale=scale, ratio=ratio)
+    torch.manual_seed(0)
+    theirs = kornia_crop.forward_parameters(SHAPE)["src"]
+    torch.manual_seed(0)
+    ours = sampling.resized_crop(N, (28, 28), scale, ratio, "cpu")["src"]
+    assert torch.equal(ours, theirs.float())                    # same seed on the CPU: the same boxes
+    torch.manual_seed(1)
+    ours = crop_fields(sampling.resized_crop(N, (28, 28), scale, ratio, "cpu")["src"])
+    theirs = crop_fields(theirs)
+    for name in ours:
+        assert ks(ours[name], theirs[name]) > P_SAME, name
+    assert float(ours["x0"].min()) >= 0 and float((ours["x0"] + ours["w"]).max()) <= 28
+
+
+@pytest.mark.parametrize("cfg", AFFINES)
+def test_affine_sampler_matches_kornias(cfg):
+    kornia_affine = K.RandomAffine(**cfg, p=1.0)
+    torch.manual_seed(0)
+    theirs = kornia_affine.forward_parameters(SHAPE)
+    torch.manual_seed(0)
+    ours = sampling.affine(N, (28, 28), **cfg, device="cpu")
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key].float()), key
+    torch.manual_seed(1)
+    ours = affine_fields(sampling.affine(N, (28, 28), **cfg, device="cpu"))
+    theirs = affine_fields(theirs)
+    for name in ours:
+        if float(theirs[name].std()) > 0:
+            assert ks(ours[name], theirs[name]) > P_SAME, name
+        else:
+            assert bool((ours[name] == theirs[name]).all()), name
+
+
+def test_the_tests_reject_a_slightly_wrong_sampler():
+    """The power check: ranges a few percent off are rejected at the same N."""
+    torch.manual_seed(0)
+    theirs = crop_fields(K.RandomResizedCrop((28, 28), scale=(0.6, 1.0)).forward_parameters(SHAPE)["src"])
+    ours = crop_fields(sampling.resized_crop(N, (28, 28), (0.55, 1.0), (0.75, 1.333), "cpu")["src"])
+    assert ks(ours["w"], theirs["w"]) < P_WRONG
+    kornia_affine = K.RandomAffine(**AFFINES[0], p=1.0)
+    theirs = affine_fields(kornia_affine.forward_parameters(SHAPE))
+    ours = affine_fields(sampling.affine(N, (28, 28), **{**AFFINES[0], "degrees": 14}, device="cpu"))
+    assert ks(ours["angle"], theirs["angle"]) < P_WRONG
+
+
+def test_coin_is_kornias_per_sample_switch():
+    flip = K.RandomHorizontalFlip(p=0.3)
+    torch.manual_seed(0)
+    theirs = flip.forward_parameters(SHAPE)["batch_prob"]
+    torch.manual_seed(0)
+    ours = sampling.coin(N, 0.3, "cpu")
+    assert torch.equal(ours, theirs.float())
+    assert abs(float(ours.mean()) - 0.3) < 4 * (0.3 * 0.7 / N) ** 0.5
+
+
+@pytest.mark.parametrize("kw", [{}, dict(hflip_p=0.5), dict(crop_scale=(0.2, 1.0), degrees=30, translate=0.2,
+                                                             shear=(-5.0, 5.0, -3.0, 3.0))])
+def test_fused_augmentation_gives_the_same_views_with_either_sampler_on_the_cpu(kw):
+    """On the CPU the device sampler consumes torch's generator exactly as Kornia's samplers do, so seeded runs
+    (and every result measured with Kornia's samplers) are unchanged."""
+    x = torch.rand(256, 1, 28, 28)
+    aug = SimCLRAugment(**kw)
+    warp = next(m for m in aug.modules() if isinstance(m, FusedWarp))
+    torch.manual_seed(3)
+    ours = aug(x)
+    warp.sampler = "kornia"
+    torch.manual_seed(3)
+    theirs = aug(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_every_parameter_is_drawn_on_the_images_device():
+    """On the meta device nothing can be read back or copied from the host: every parameter lands there."""
+    aug = SimCLRAugment(hflip_p=0.5)
+    warp = next(m for m in aug.modules() if isinstance(m, FusedWarp))
+    params = warp.draw(torch.Size((64, 1, 28, 28)), torch.device("meta"))
+    tensors = [v for group in params.values() for v in group.values()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+
+
+def test_unknown_sampler_is_an_error():
+    with pytest.raises(ValueError, match="sampler"):
+        FusedWarp(None, None, None, (28, 28), sampler="numpy")
