@@ -5,6 +5,7 @@ import torch
 from fastclr import kernels
 from fastclr.augment import SimCLRAugment, tutorial_batch_augment
 from fastclr.data import DevicePairs, TorchvisionPairs
+from fastclr.warp import FusedWarp
 
 from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
@@ -17,21 +18,41 @@ def images(n, seed=0):
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused-cpu-kernels", "kornia"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_augment_per_sample(benchmark, device, impl):
-    """SimCLRAugment on both views in one call: fused (one grid_sample; with fastclr.kernels on CPU) against
-    Kornia's chain of modules."""
+AUG_IMPLS = {"fused": "fused warp, device sampler", "fused-kornia-sampler": "fused warp, Kornia's samplers",
+             "fused-cpu-kernels": "fused warp, CPU kernels", "kornia": "Kornia chain"}
+
+
+def augment(impl: str) -> SimCLRAugment:
+    aug = SimCLRAugment(impl="kornia" if impl == "kornia" else "fused", cpu_kernels=impl.endswith("kernels"))
+    if impl == "fused-kornia-sampler":
+        next(m for m in aug.modules() if isinstance(m, FusedWarp)).sampler = "kornia"
+    return aug
+
+
+def time_views(benchmark, device, impl, batch, group):
     skip_unless_device(device)
     if impl == "fused-cpu-kernels" and (device != "cpu" or not kernels.available()):
         pytest.skip("fastclr's CPU kernels: CPU only, and they must build here")
-    benchmark.group = f"augment-b512-{device}"
-    describe(benchmark, {"fused": "fused warp", "fused-cpu-kernels": "fused warp, CPU kernels",
-                         "kornia": "Kornia chain"}[impl], baseline=impl == "kornia")
-    x = images(BATCH).to(device).float().div_(255)
-    aug = SimCLRAugment(impl=impl.removesuffix("-cpu-kernels"), cpu_kernels=impl.endswith("kernels"))
+    benchmark.group = group
+    describe(benchmark, AUG_IMPLS[impl], baseline=impl == "kornia")
+    x = images(batch).to(device).float().div_(255)
+    aug = augment(impl)
     run(benchmark, lambda: aug(torch.cat([x, x])), device, rounds=20, warmup=2)
-    benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
+    benchmark.extra_info["images_per_second"] = 2 * batch / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("impl", list(AUG_IMPLS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_augment_per_sample(benchmark, device, impl):
+    """SimCLRAugment on both views in one call: fused (one grid_sample; parameters drawn on the device, or by
+    Kornia's samplers; with fastclr.kernels on CPU) against Kornia's chain of modules."""
+    time_views(benchmark, device, impl, BATCH, f"augment-b512-{device}")
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused-kornia-sampler", "kornia"])
+def test_augment_2x2048_views_cuda(benchmark, impl):
+    """2 x 2,048 views per call on CUDA, the size the device loader augments at once (#12's target row)."""
+    time_views(benchmark, "cuda", impl, 2048, "augment-2x2048-cuda")
 
 
 def test_augment_torchvision_v2_dataloader_2_workers(benchmark):

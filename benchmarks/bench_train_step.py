@@ -6,21 +6,27 @@ import torch
 
 from fastclr.augment import SimCLRAugment
 from fastclr.backend import make_runtime, resolve_amp_dtype
+from fastclr.capture import CapturedStep
 from fastclr.config import TrainConfig
 from fastclr.train import build_training
 
 from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
 
 
-def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None, cpu_kernels=True):
+def setup(arch, width, batch, device, amp=False, compile=False, channels_last=True, batches=None, cpu_kernels=True,
+          cuda_graph=False):
     """A zero-argument training step built as ``fastclr.train`` builds it; ``batches`` (an iterator of view
     pairs) feeds it, else one fixed batch augmented afresh each call. ``cpu_kernels=False`` turns
-    fastclr.kernels off (they are on wherever the backend can build them)."""
+    fastclr.kernels off (they are on wherever the backend can build them); ``cuda_graph``: the step is
+    captured (after 3 eager warm-up steps) and replayed, as ``--cuda-graph`` does."""
     rt = make_runtime(device, amp=amp, compile=compile)
     if not cpu_kernels:
         rt = dataclasses.replace(rt, cpu_kernels=False)
-    cfg = TrainConfig(arch=arch, width=width, batch_size=batch, channels_last=channels_last, lr=1e-3)
+    cfg = TrainConfig(arch=arch, width=width, batch_size=batch, channels_last=channels_last, lr=1e-3,
+                      cuda_graph=cuda_graph)
     tr = build_training(cfg, rt, total_steps=10**6)
+    if cuda_graph:
+        tr.captured = CapturedStep(tr, cfg.lr, cfg.warmup_steps, 10**6, 0, (batch, 1, 28, 28))
     if batches is not None:
         return lambda: tr.step(*next(batches))
     aug = SimCLRAugment(cpu_kernels=rt.cpu_kernels)
@@ -52,6 +58,18 @@ def test_train_step(benchmark, arch, width, batch, amp, kernels, device):
     benchmark.extra_info["images_per_second"] = 2 * batch / benchmark.stats.stats.mean
 
 
+@pytest.mark.parametrize("batch", [128, 1024])
+def test_train_step_cuda_graph(benchmark, batch):
+    """The default cnn with bf16 autocast, the step captured as a CUDA graph (--cuda-graph), beside the eager
+    rows of the same group."""
+    skip_unless_device("cuda")
+    benchmark.group = "train_step-cuda"
+    describe(benchmark, f"cnn w32, b{batch}, amp, CUDA graph")
+    step = setup("cnn", 32, batch, "cuda", amp=True, cuda_graph=True)
+    run(benchmark, step, "cuda", rounds=20, warmup=5)
+    benchmark.extra_info["images_per_second"] = 2 * batch / benchmark.stats.stats.mean
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_step_compiled(benchmark, device):
     skip_unless_device(device)
@@ -64,16 +82,23 @@ def test_train_step_compiled(benchmark, device):
     benchmark.extra_info["images_per_second"] = 2 * 256 / benchmark.stats.stats.mean
 
 
+EPOCH_CASES = [(128, False), (128, True), (1024, True)]    # (batch pairs, --cuda-graph); graphs on CUDA only
+
+
+@pytest.mark.parametrize("batch,graph", EPOCH_CASES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_epoch(benchmark, device):
+def test_epoch(benchmark, device, batch, graph):
     """A full training epoch on 60,000 images (synthetic pixels): device-resident loader, fused views,
-    the step; the default configuration (fastclr.config.TrainConfig, AMP as the backend resolves it)."""
+    the step; the default configuration (fastclr.config.TrainConfig, AMP as the backend resolves it), and on
+    CUDA the captured step at the default batch and at 1,024 pairs."""
     from fastclr.data import DevicePairs
 
     skip_unless_device(device)
+    if (batch, graph) != (128, False) and device != "cuda":
+        pytest.skip("CUDA graphs: CUDA only")
     benchmark.group = f"epoch-{device}"
-    describe(benchmark, "default epoch")
-    cfg = TrainConfig()
+    describe(benchmark, "default epoch" if not graph else f"epoch, b{batch}, CUDA graph", baseline=not graph)
+    cfg = TrainConfig(batch_size=batch)
     n = 1024 if QUICK else 60000
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
     rt = make_runtime(device, amp=cfg.amp)
@@ -82,7 +107,7 @@ def test_epoch(benchmark, device):
 
     def epoch():
         it = iter(pairs)
-        step = setup(cfg.arch, cfg.width, cfg.batch_size, device, amp=cfg.amp, batches=it)
+        step = setup(cfg.arch, cfg.width, cfg.batch_size, device, amp=cfg.amp, batches=it, cuda_graph=graph)
         for _ in range(steps):
             step()
 

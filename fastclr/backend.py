@@ -213,9 +213,14 @@ class Runtime:
             "cpu_kernels": self.cpu_kernels,
         }
 
-    def optimizer(self, params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-        """AdamW, fused where this device supports it."""
+    def optimizer(self, params, lr: float, weight_decay: float, capturable: bool = False) -> torch.optim.AdamW:
+        """AdamW, fused where this device supports it. ``capturable``: safe to capture in a CUDA graph (step
+        counts on the device, the learning rate a device tensor that fastclr.capture advances); on the CPU, where
+        there are no graphs, the same tensor learning rate with the single-tensor update."""
         extra = {"fused": True} if self.fused_optimizer else {}
+        if capturable:
+            lr = torch.tensor(lr, dtype=torch.float32, device=self.device)
+            extra.update(capturable=True) if self.device.type == "cuda" else extra.update(foreach=False)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
 
 

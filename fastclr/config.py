@@ -74,6 +74,8 @@ class TrainConfig:
     amp: bool = _f(True, "mixed precision (autocast): bf16, or fp16 + GradScaler, on CUDA; bf16 on CPUs with native "
                          "bf16 instructions, fp32 on other CPUs (fastclr.backend decides; --no-amp: fp32 everywhere)")
     compile: bool = _f(False, "torch.compile the model")
+    cuda_graph: bool = _f(False, "capture the training step as a CUDA graph and replay it (CUDA, one process, "
+                                 "bf16 or fp32; fastclr.capture): one launch per step instead of hundreds")
     channels_last: bool = _f(True, "channels_last memory format for the convolutions (faster with oneDNN/cuDNN)")
     seed: int = _f(0, "random seed (model init, permutation, augmentation); CPU runs are bit-reproducible")
     deterministic: bool = _f(False, "PyTorch's deterministic algorithms (for reproducible CUDA runs; slower)")

@@ -21,6 +21,11 @@ RECIPES: dict[str, Recipe] = {
     "mnist-best": Recipe("MNIST, the best accuracy on a 2-core CPU", dict(epochs=40)),
     "mnist-speedrun": Recipe("MNIST, time to a k-NN target (python -m fastclr.speedrun)",
                              dict(epochs=5, tsne_points=0, pixel_knn=False, linear_probe=False)),
+    "mnist-speedrun-gpu": Recipe("MNIST, time to a k-NN target on a CUDA GPU (python -m fastclr.speedrun picks it "
+                                 "there): bigger batches, the captured step, frequent k-NN checks. A candidate: "
+                                 "not yet timed on a GPU (scripts/gpu_check.sh times it)",
+                                 dict(epochs=5, batch_size=512, lr=6e-3, cuda_graph=True, eval_every=20,
+                                      tsne_points=0, pixel_knn=False, linear_probe=False)),
     "fashion-mnist": Recipe("Fashion-MNIST: flips and intensity jitter instead of the handwriting warps",
                             dict(dataset="fashion-mnist", epochs=5, hflip_p=0.5, thickness_p=0.0)),
     "fashion-mnist-best": Recipe("Fashion-MNIST, the best accuracy in under 45 minutes on a 2-core CPU",

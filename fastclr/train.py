@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import backend
 from .augment import SimCLRAugment
 from .backend import FastclrError
+from .capture import CapturedStep
 from .checkpoint import (CHECKPOINT_FORMAT, TrainState, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
 from .config import TrainConfig, build_parser, given_flags, resolve_config
@@ -130,9 +131,12 @@ class Training:
     loss_fn: NTXentLoss
     runtime: backend.Runtime
     channels_last: bool
+    captured: CapturedStep | None = None     # --cuda-graph: the step as a replayed CUDA graph
 
     def step(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         """One step on a (B, 1, 28, 28) view pair; the loss as a device tensor."""
+        if self.captured is not None:
+            return self.captured(v1, v2)
         return train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.scheduler, v1, v2,
                           self.runtime, self.channels_last)
 
@@ -151,13 +155,13 @@ def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int,
     model.encoder.cpu_kernels = runtime.cpu_kernels
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graph)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     if state is not None:
         model.encoder.load_state_dict(state["encoder"])
         model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])   # --cuda-graph: CapturedStep sets the lr tensor again
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
     net = torch.compile(model) if runtime.compile else model
@@ -166,6 +170,20 @@ def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int,
             net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     loss_fn = NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=world_size > 1, check_finite=False)
     return Training(model, net, optimizer, scheduler, scaler, loss_fn, runtime, cfg.channels_last)
+
+
+def check_cuda_graph(cfg: TrainConfig, runtime: backend.Runtime, world_size: int) -> None:
+    """--cuda-graph's requirements, as one clear error each."""
+    if not cfg.cuda_graph:
+        return
+    if runtime.device.type != "cuda":
+        raise FastclrError("--cuda-graph needs a CUDA device (this run is on the CPU); drop the flag")
+    if world_size > 1 or cfg.compile or runtime.needs_grad_scaler or cfg.loader != "device":
+        raise FastclrError("--cuda-graph runs one process with --loader device, without --compile and without fp16 "
+                           "(bf16 or --no-amp): " + ", ".join(
+                               n for n, bad in (("several processes", world_size > 1), ("--compile", cfg.compile),
+                                                ("fp16 autocast", runtime.needs_grad_scaler),
+                                                (f"--loader {cfg.loader}", cfg.loader != "device")) if bad))
 
 
 class StopRequested:
@@ -255,7 +273,8 @@ def knn_check(tr: Training, data: dict, cfg: TrainConfig, state: TrainState, t_s
     acc = evaluate(tr.model.encoder, data, tr.runtime, None, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
                    tsne_points=0, pixel_knn=False, linear_probe=False, log=lambda *a: None)["knn_accuracy"]
     tr.model.train()
-    state.knn_history.append({"step": state.step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start})
+    state.knn_history.append({"step": state.step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start,
+                              "check_seconds": time.perf_counter() - t})
     if show:
         tqdm.write(f"step {state.step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
                    f"[{time.perf_counter() - t:.1f}s, {time.perf_counter() - t_start:.0f}s since start]")
@@ -335,6 +354,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if runtime.device.type == "cuda" and d.world_size > 1:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.cuda.set_device(runtime.device)
+    check_cuda_graph(cfg, runtime, d.world_size)
     out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
     # read (and check) the checkpoint before anything slow: a refused file should fail at once
     ckpt = read_resume_checkpoint(out / "checkpoint.pt", cfg) if cfg.resume else None
@@ -358,6 +378,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         set_rng_state(ckpt["rng"])
         pairs.load_state_dict(ckpt["loader"])
         log(f"resumed {out} at epoch {state.epoch + 1}, step {state.step}")
+    if cfg.cuda_graph:
+        tr.captured = CapturedStep(tr, cfg.lr, cfg.warmup_steps, total_steps, state.step,
+                                   (cfg.batch_size, 1, *train_x.shape[-2:]))
     if d.is_main:
         log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset}: {len(train_x)} images, "
             f"{len(pairs)} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
@@ -369,6 +392,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     knn = functools.partial(knn_check, tr, data, cfg, state, t_start, d.is_main)
     tr.model.train()
+    startup_seconds = time.perf_counter() - t_start     # data, model, optimiser: before the first step
     ended = None
     with StopRequested() as stop:
         while state.epoch < cfg.epochs and state.step < total_steps:
@@ -384,23 +408,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise SystemExit(128 + stop.signal)
     if not d.is_main:
         return {}
-    return finish_run(cfg, tr, data, state, out, d, len(pairs), reached=ended == "target", log=log)
+    return finish_run(cfg, tr, data, state, out, d, len(pairs), reached=ended == "target", log=log,
+                      startup_seconds=startup_seconds)
 
 
 def finish_run(cfg: TrainConfig, tr: Training, data: dict, state: TrainState, out: Path, d: Dist,
-               steps_per_epoch: int, reached: bool, log=print) -> dict:
+               steps_per_epoch: int, reached: bool, log=print, startup_seconds: float = 0.0) -> dict:
     """Plot the loss, evaluate, write ``metrics.json``; returns the metrics."""
     runtime = tr.runtime
     metrics = {
         "epochs": cfg.epochs, "steps": state.step, "train_seconds": state.train_seconds,
         "train_images_per_second": 2 * cfg.batch_size * d.world_size * state.step / max(state.train_seconds, 1e-9),
         "final_loss": float(np.mean(state.losses[-min(len(state.losses), cfg.log_every):])) if state.losses else None,
-        "world_size": d.world_size,
+        "world_size": d.world_size, "startup_seconds": startup_seconds,
     }
     history = state.knn_history
     if cfg.target_knn:
         metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=history,
-                       time_to_target_seconds=history[-1]["seconds"] if reached else None)
+                       time_to_target_seconds=history[-1]["seconds"] if reached else None,
+                       knn_check_seconds=sum(h.get("check_seconds", 0.0) for h in history))
     plot_loss(state.losses, out / "loss.png", steps_per_epoch)
     knn_fresh = bool(history) and history[-1]["step"] == state.step
     if cfg.eval and knn_fresh and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
@@ -440,7 +466,7 @@ def _version(pkg: str) -> str | None:
 _RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "max_steps",
                 "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "seed", "train_subset", "loader",
                 "aug", "aug_impl", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p",
-                "hflip_p", "brightness", "contrast", "jitter_p", "blur_p")
+                "hflip_p", "brightness", "contrast", "jitter_p", "blur_p", "cuda_graph")
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
