@@ -126,14 +126,20 @@ def plot(groups: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("result", nargs="?", help="pytest-benchmark JSON (default: newest in .benchmarks/)")
+    p.add_argument("result", nargs="*", help="pytest-benchmark JSON files, merged (default: newest in .benchmarks/)")
     p.add_argument("--out", default="benchmarks/report")
     p.add_argument("--machine", default=None,
                    help="also write the tables and the chart to benchmarks/results/MACHINE.{md,png} (committed: "
                         "one pair per machine)")
     args = p.parse_args(argv)
-    src = Path(args.result) if args.result else newest_result()
-    md, groups = summarise(json.loads(src.read_text()))
+    srcs = [Path(r) for r in args.result if Path(r).is_file()] if args.result else [newest_result()]
+    if not srcs:
+        raise SystemExit(f"none of {', '.join(args.result)} exists")
+    data = json.loads(srcs[0].read_text())
+    for extra in srcs[1:]:      # one report from several runs (a stage that timed out leaves no file)
+        data["benchmarks"] += json.loads(extra.read_text())["benchmarks"]
+    src = ", ".join(map(str, srcs))
+    md, groups = summarise(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)

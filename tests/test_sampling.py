@@ -120,3 +120,32 @@ def test_every_parameter_is_drawn_on_the_images_device():
 def test_unknown_sampler_is_an_error():
     with pytest.raises(ValueError, match="sampler"):
         FusedWarp(None, None, None, (28, 28), sampler="numpy")
+
+
+@pytest.mark.gpu
+def test_fused_augmentation_captures_in_a_cuda_graph_and_makes_no_host_sync():
+    """On CUDA the whole fused augmentation (device sampling, plan, warp, jitter) runs without a synchronising
+    op, and a CUDA graph captures it: a capture fails on any host sync or host-to-device copy. Replays draw
+    fresh parameters (the graph advances the generator's offset), so two replays differ."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    aug = SimCLRAugment(hflip_p=0.5, brightness=0.2, contrast=0.3, thickness_p=0.5, elastic_p=0.8)
+    x = torch.rand(512, 1, 28, 28, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        aug(x)                                           # warm-up: constants and factors made once per device
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = aug(x)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
