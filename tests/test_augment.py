@@ -372,3 +372,22 @@ def test_fused_flip_uses_the_cpu_kernel_path_too():
     torch.manual_seed(3)
     ours = SimCLRAugment(hflip_p=0.5, thickness_p=0, cpu_kernels=True)(x)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_augmentation_compiles_as_one_graph_and_equals_eager():
+    """torch.compile(fullgraph=True) fails on any graph break, host sync (.item(), a data-dependent branch) or
+    Python-side randomness, so this proves the fused augmentation (device sampling, warp, thickness, flip and
+    jitter) is one traceable graph, as CUDA-graph capture needs. With Inductor's fallback_random the compiled
+    call draws the eager random stream, so the views must agree to fp32 rounding (atol 1e-5)."""
+    import torch._inductor.config as inductor_config
+
+    aug = SimCLRAugment(**{k: v for k, v in CLOTHING.items() if k != "blur_p"})
+    x = torch.rand(64, 1, 28, 28)
+    compiled = torch.compile(aug, fullgraph=True)
+    with inductor_config.patch(fallback_random=True):
+        for seed in (0, 5):
+            torch.manual_seed(seed)
+            ours = compiled(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(ours, aug(x), rtol=0, atol=1e-5)

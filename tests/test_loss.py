@@ -269,3 +269,21 @@ def test_distributed_two_ranks_equal_single_process(impl, tmp_path):
     for rank, loss, grad in results:
         assert loss == pytest.approx(single.item(), rel=1e-5), f"rank {rank}"
         torch.testing.assert_close(torch.tensor(grad), layer.weight.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+def test_loss_compiles_as_one_graph_with_the_eager_value_and_gradient(impl):
+    """torch.compile(fullgraph=True) of the training loss (check_finite=False, as fastclr.train builds it: the
+    finiteness check is a host sync) fails on any graph break or sync; values and gradients equal eager's to
+    fp32 rounding (rtol 1e-5)."""
+    loss = NTXentLoss(0.2, impl, check_finite=False)
+    compiled = torch.compile(loss, fullgraph=True)
+    z1, z2 = torch.randn(32, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    ours = compiled(z1, z2)
+    g_ours = torch.autograd.grad(ours, (z1, z2))
+    ref = loss(z1, z2)
+    g_ref = torch.autograd.grad(ref, (z1, z2))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
