@@ -382,7 +382,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         tr.captured = CapturedStep(tr, cfg.lr, cfg.warmup_steps, total_steps, state.step,
                                    (cfg.batch_size, 1, *train_x.shape[-2:]))
     if d.is_main:
-        log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset}: {len(train_x)} images, "
+        log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset} (recipe {cfg.recipe}): {len(train_x)} images, "
             f"{len(pairs)} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
             f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
 
