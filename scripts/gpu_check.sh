@@ -50,7 +50,7 @@ train default --epochs 1
 train graph-b128 --epochs 1 --cuda-graph --no-eval
 train graph-b1024 --epochs 1 --cuda-graph --batch-size 1024 --lr 6e-3 --no-eval
 
-echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), then candidates"
+echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), eager, then candidates"
 speedrun() {  # speedrun NAME ARGS...
   local name=$1; shift
   timeout "${SPEEDRUN_TIMEOUT:-60}" python3 -m fastclr.speedrun --target 0.985 --out "/tmp/fastclr-$name" --overwrite "$@" \
@@ -58,6 +58,7 @@ speedrun() {  # speedrun NAME ARGS...
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
 }
 speedrun speedrun
+speedrun speedrun-eager --no-cuda-graph
 speedrun speedrun-b256 --batch-size 256 --lr 4e-3
 speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
 python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
