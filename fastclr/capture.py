@@ -46,7 +46,7 @@ class CapturedStep:
 
     Args:
         tr: the Training whose model, optimiser, loss and runtime the step uses. Its optimiser must take a tensor
-            learning rate (``make_optimizer(..., capturable=True)``); the LambdaLR scheduler is not stepped.
+            learning rate (``Runtime.optimizer(..., capturable=True)``); the LambdaLR scheduler is not stepped.
         peak_lr, warmup, total_steps: the schedule (``--lr``, ``--warmup-steps``, the run's steps).
         start_step: steps already taken (a resumed run).
         batch_shape: (B, C, H, W) of one view batch.
@@ -72,12 +72,7 @@ class CapturedStep:
     def body(self) -> Tensor:
         """Forward, loss, backward, AdamW and the schedule's advance on the static buffers; the loss tensor."""
         tr = self.tr
-        x = torch.cat([self.v1, self.v2])
-        if tr.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with tr.runtime.autocast():
-            z = tr.net(x)
-        loss = tr.loss_fn(*z.float().chunk(2))
+        loss = tr.views_loss(self.v1, self.v2)
         loss.backward()
         tr.optimizer.step()
         # set_to_none=False: the graph's backward writes into the same gradient buffers on every replay
@@ -93,10 +88,10 @@ class CapturedStep:
         if self.graph is not None:
             self.graph.replay()
             return self.loss.clone()
-        if not self.capture or self.eager_steps < self.warmup_steps:
+        if not self.capture:
+            return self.body()
+        if self.eager_steps < self.warmup_steps:
             self.eager_steps += 1
-            if not self.capture:
-                return self.body()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

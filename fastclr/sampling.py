@@ -41,6 +41,8 @@ def resized_crop(b: int, in_size: tuple[int, int], scale: tuple[float, float], r
     for an input whose aspect ratio lies in ``ratio``); the start is uniform over the positions that fit.
     Candidate selection by ``cumsum`` and ``max`` instead of a loop: the same choice, no host sync."""
     h_in, w_in = in_size
+    if not ratio[0] <= w_in / h_in <= ratio[1]:
+        raise ValueError(f"an input of aspect ratio {w_in / h_in:.3f} outside ratio {ratio} is not supported")
     area = uniform(b, scale[0], scale[1], device, (tries,)) * (h_in * w_in)
     log_lo, log_hi = float(torch.log(torch.tensor(ratio[0]))), float(torch.log(torch.tensor(ratio[1])))  # float32
     aspect = torch.exp(uniform(b, log_lo, log_hi, device, (tries,)))
@@ -50,8 +52,6 @@ def resized_crop(b: int, in_size: tuple[int, int], scale: tuple[float, float], r
     any_fits, first = ((fits.int().cumsum(1) == 1) & fits).int().max(1)
     w = torch.where(any_fits.bool(), w.gather(1, first[:, None])[:, 0], float(w_in))
     h = torch.where(any_fits.bool(), h.gather(1, first[:, None])[:, 0], float(h_in))
-    if not ratio[0] <= w_in / h_in <= ratio[1]:
-        raise ValueError(f"an input of aspect ratio {w_in / h_in:.3f} outside ratio {ratio} is not supported")
     x0 = (torch.rand(b, device=device) * (w_in - w + 1)).floor()
     y0 = (torch.rand(b, device=device) * (h_in - h + 1)).floor()
     x1, y1 = x0 + w - 1, y0 + h - 1

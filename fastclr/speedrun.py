@@ -10,9 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
-from .backend import FastclrError
+from .backend import FastclrError, resolve_device
 from .config import build_parser, given_flags, resolve_config
 
 RECIPE = "mnist-speedrun"            # fastclr.recipes; --recipe picks another
@@ -33,8 +31,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
-        device = given.get("device", "auto")
-        on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        on_cuda = resolve_device(given.get("device")).type == "cuda"
         cfg = resolve_config(given, default_recipe=GPU_RECIPE if on_cuda else RECIPE)
         metrics = train(cfg)
     except FastclrError as exc:

@@ -100,9 +100,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 # --------------------------------------------------------------------------- the step
 
-def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: backend.Runtime,
-               channels_last: bool = False) -> torch.Tensor:
-    """One SimCLR step on a (B, 1, 28, 28) view pair; returns the loss as a device tensor (no host sync).
+def views_loss(model, loss_fn, v1, v2, runtime: backend.Runtime, channels_last: bool = False) -> torch.Tensor:
+    """NT-Xent of a (B, 1, 28, 28) view pair through ``model``, under the runtime's autocast; a () tensor.
 
     Both views go through the network as one 2B batch: one kernel launch per layer instead of two."""
     x = torch.cat([v1, v2])
@@ -110,7 +109,13 @@ def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: ba
         x = x.contiguous(memory_format=torch.channels_last)
     with runtime.autocast():
         z = model(x)
-    loss = loss_fn(*z.float().chunk(2))
+    return loss_fn(*z.float().chunk(2))
+
+
+def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: backend.Runtime,
+               channels_last: bool = False) -> torch.Tensor:
+    """One SimCLR step on a (B, 1, 28, 28) view pair; returns the loss as a device tensor (no host sync)."""
+    loss = views_loss(model, loss_fn, v1, v2, runtime, channels_last)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -139,6 +144,10 @@ class Training:
             return self.captured(v1, v2)
         return train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.scheduler, v1, v2,
                           self.runtime, self.channels_last)
+
+    def views_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        """The loss of a view pair through ``net``, without a step (the captured step's forward)."""
+        return views_loss(self.net, self.loss_fn, v1, v2, self.runtime, self.channels_last)
 
 
 def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int, world_size: int = 1,
