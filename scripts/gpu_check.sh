@@ -35,13 +35,26 @@ export FASTCLR_DATA="$DATA" FASTCLR_TEST_DATA="$DATA"
   python3 -c "import torch, kornia; print('torch', torch.__version__, 'kornia', kornia.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/device.txt"
 
-# Budget: the whole script in at most 6 minutes on one H200 (each stage has its own timeout).
+# Budget: the whole script in at most 6 minutes on one H200. Each stage has its own timeout, cut to what is left
+# of GPU_CHECK_BUDGET seconds (counted from the script's start, set-up included) so that a slow stage costs the
+# stages after it their time, not the budget; a stage with no time left is skipped.
+BUDGET=${GPU_CHECK_BUDGET:-345}
+limit() {   # limit SECONDS: the stage's timeout, at most the budget left (0: skip the stage)
+  local left=$((BUDGET - SECONDS))
+  (( left < 1 )) && { echo 0; return; }
+  echo $(( left < $1 ? left : $1 ))
+}
+run_for() {  # run_for SECONDS CMD...: CMD under the stage's timeout, or a "skipped" line when none is left
+  local secs; secs=$(limit "$1"); shift
+  (( secs > 0 )) || { echo "skipped (the ${BUDGET} s budget is spent): $*"; return 124; }
+  timeout "$secs" "$@"
+}
 echo "== gpu-marked tests"
-timeout 75 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+run_for 75 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
 
 train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
   local name=$1; shift
-  timeout "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --amp --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
+  run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --amp --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "step/s" | tail -6 | tee "$OUT/$name.log"
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
 }
@@ -53,14 +66,14 @@ train graph-b1024 --epochs 1 --cuda-graph --batch-size 1024 --lr 6e-3 --no-eval
 echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), eager, then candidates"
 speedrun() {  # speedrun NAME ARGS...
   local name=$1; shift
-  timeout "${SPEEDRUN_TIMEOUT:-60}" python3 -m fastclr.speedrun --target 0.985 --out "/tmp/fastclr-$name" --overwrite "$@" \
+  run_for "${SPEEDRUN_TIMEOUT:-60}" python3 -m fastclr.speedrun --target 0.985 --out "/tmp/fastclr-$name" --overwrite "$@" \
     2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -4 | tee "$OUT/$name.log"
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
 }
 speedrun speedrun
 speedrun speedrun-eager --no-cuda-graph
 speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
-python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
+run_for 30 python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
 
 echo "== CUDA benchmark groups (augmentation, train step, epoch, NT-Xent at N = 2,048 to 262,144, k-NN)"
 # The tiled loss at N=262,144 (~1,000x the work of N=16,384, where it took 297 ms) does not fit this budget:
@@ -69,7 +82,7 @@ SKIP_BIG="and not tiled-262144"
 [ "${LOSS_TILED_262K:-0}" = 1 ] && SKIP_BIG=""
 bench() {   # bench NAME SECONDS FILES -k EXPR: one pytest-benchmark run per stage, so a timeout loses one stage
   local name=$1 secs=$2; shift 2
-  timeout "$secs" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$OUT/bench-$name.json" \
+  run_for "$secs" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$OUT/bench-$name.json" \
     --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds 2>&1 | tail -60 > "$OUT/bench-$name.log"
   tail -1 "$OUT/bench-$name.log"
 }
