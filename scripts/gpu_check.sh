@@ -39,13 +39,10 @@ export FASTCLR_DATA="$DATA" FASTCLR_TEST_DATA="$DATA"
 # of GPU_CHECK_BUDGET seconds (counted from the script's start, set-up included) so that a slow stage costs the
 # stages after it their time, not the budget; a stage with no time left is skipped.
 BUDGET=${GPU_CHECK_BUDGET:-345}
-limit() {   # limit SECONDS: the stage's timeout, at most the budget left (0: skip the stage)
-  local left=$((BUDGET - SECONDS))
-  (( left < 1 )) && { echo 0; return; }
-  echo $(( left < $1 ? left : $1 ))
-}
-run_for() {  # run_for SECONDS CMD...: CMD under the stage's timeout, or a "skipped" line when none is left
-  local secs; secs=$(limit "$1"); shift
+run_for() {  # run_for SECONDS CMD...: CMD under min(SECONDS, budget left), or a "skipped" line when none is left
+  local secs=$((BUDGET - SECONDS))
+  (( secs > $1 )) && secs=$1
+  shift
   (( secs > 0 )) || { echo "skipped (the ${BUDGET} s budget is spent): $*"; return 124; }
   timeout "$secs" "$@"
 }
