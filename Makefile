@@ -24,7 +24,7 @@ bench-gpu:          ## GPU check: CUDA benchmark groups + a speedrun; OUT=folder
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-results) $(WHEELS)
 
 train:              ## the default run on MNIST
-	$(PYTHON) -m fastclr.train --amp
+	$(PYTHON) -m fastclr.train
 
 clean:
 	rm -rf .pytest_cache .benchmarks benchmarks/report build *.egg-info

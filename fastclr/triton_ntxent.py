@@ -44,7 +44,6 @@ except ImportError:                              # pragma: no cover - torch whee
 MIN_TRITON = (3, 6)     # tested: 3.6 (the GPU image's) and 3.8; 3.1's interpreter rejects the nested constexprs
 MAX_DIM = 4096          # beyond this a row block's tiles stop paying for their registers; a clear error
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _interpret_env() -> bool:

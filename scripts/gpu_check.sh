@@ -51,7 +51,7 @@ run_for 75 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -8 
 
 train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
   local name=$1; shift
-  run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --amp --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
+  run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "step/s" | tail -6 | tee "$OUT/$name.log"
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
 }

@@ -1,5 +1,7 @@
-/* fastclr CPU kernels: the encoders' 2x2 max-pool + ReLU, and the tutorial net's first block
- * (3x3 conv with one input channel -> 2x2 max-pool -> ReLU), forward and backward.
+/* fastclr CPU kernels, four of them: the encoders' 2x2 max-pool + ReLU and the tutorial net's first block
+ * (3x3 conv with one input channel -> 2x2 max-pool -> ReLU), forward and backward; and, for the fused
+ * augmentation, the warp's grid + frame weight + bilinear sampling in one pass (warp_sample) and the
+ * stroke-thickness max filter on the chosen samples only (thickness).
  *
  * Built by fastclr/kernels.py on first use: cc -O3 -march=native -fopenmp -shared -fPIC.
  * Tensors are channels-last (N, H, W, C); C a multiple of 16, so one 16-float vector (GCC vector
