@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from fastclr import kernels
-from fastclr.augment import SimCLRAugment, tutorial_batch_augment
-from fastclr.data import DevicePairs, TorchvisionPairs
+from fastclr.augment import RandomThickness, SimCLRAugment, kornia_modules
+from fastclr.config import AugConfig
+from fastclr.data import DevicePairs, TorchvisionPairs, torchvision_transform
 from fastclr.warp import FusedWarp
 
 from .conftest import DEVICES, QUICK, describe, run, skip_unless_device
@@ -22,11 +23,31 @@ AUG_IMPLS = {"fused": "fused warp, device sampler", "fused-kornia-sampler": "fus
              "fused-cpu-kernels": "fused warp, CPU kernels", "kornia": "Kornia chain"}
 
 
-def augment(impl: str) -> SimCLRAugment:
-    aug = SimCLRAugment(impl="kornia" if impl == "kornia" else "fused", cpu_kernels=impl.endswith("kernels"))
+def augment(impl: str):
+    """The default augmentation (AugConfig()) as ``impl`` draws and applies it."""
     if impl == "fused-kornia-sampler":
-        next(m for m in aug.modules() if isinstance(m, FusedWarp)).sampler = "kornia"
+        return fused_with_kornias_samplers(AugConfig())
+    return SimCLRAugment(impl="kornia" if impl == "kornia" else "fused", cpu_kernels=impl.endswith("kernels"))
+
+
+def fused_with_kornias_samplers(cfg: AugConfig):
+    """SimCLRAugment's fused path with the crop and affine parameters drawn by Kornia's own samplers (on the CPU,
+    host-side) instead of fastclr.sampling's: what drawing on the device saves."""
+    mods, warp, thickness = kornia_modules(cfg), FusedWarp(cfg), RandomThickness(cfg.thickness_p)
+
+    def aug(x):
+        params = warp.draw(x.shape, x.device)       # elastic coefficients (drawn on the device either way)
+        params.update({k: mods[k].forward_parameters(x.shape) for k in ("crop", "affine")})
+        return warp(thickness(x), params).clamp_(0, 1)
+
     return aug
+
+
+def tutorial_batch_augment(x):
+    """The tutorial's augmentation: one crop and one rotation for the whole batch."""
+    from torchvision import transforms
+
+    return transforms.RandomResizedCrop(28, scale=(0.8, 1.0))(x), transforms.RandomRotation(10)(x)
 
 
 def time_views(benchmark, device, impl, batch, group):
@@ -59,7 +80,8 @@ def test_augment_torchvision_v2_dataloader_2_workers(benchmark):
     """Per-sample CPU transforms in 2 worker processes: time for 10 batches of view pairs."""
     benchmark.group = "augment-b512-cpu"
     describe(benchmark, "torchvision DataLoader, 2 workers")
-    pairs = TorchvisionPairs(images(BATCH * 10), BATCH, torch.device("cpu"), workers=2)
+    pairs = TorchvisionPairs(images(BATCH * 10), BATCH, torch.device("cpu"), torchvision_transform(AugConfig(), (28, 28)),
+                             workers=2)
     list(pairs)  # start the persistent workers
     run(benchmark, lambda: list(pairs), "cpu", rounds=3, warmup=0)
     benchmark.extra_info["images_per_second"] = 2 * BATCH * 10 / benchmark.stats.stats.mean
@@ -87,7 +109,7 @@ def test_epoch_data_delivery(benchmark, loader, device):
     if loader == "device":
         pairs = DevicePairs(data, 256, dev, SimCLRAugment(cpu_kernels=dev.type == "cpu" and kernels.available()))
     else:
-        pairs = TorchvisionPairs(data, 256, dev, workers=2)
+        pairs = TorchvisionPairs(data, 256, dev, torchvision_transform(AugConfig(), (28, 28)), workers=2)
 
     def epoch():
         for v1, v2 in pairs:

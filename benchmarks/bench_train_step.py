@@ -6,7 +6,6 @@ import torch
 
 from fastclr.augment import SimCLRAugment
 from fastclr.backend import make_runtime, resolve_amp_dtype
-from fastclr.capture import CapturedStep
 from fastclr.config import TrainConfig
 from fastclr.train import build_training
 
@@ -25,11 +24,9 @@ def setup(arch, width, batch, device, amp=False, compile=False, channels_last=Tr
     cfg = TrainConfig(arch=arch, width=width, batch_size=batch, channels_last=channels_last, lr=1e-3,
                       cuda_graph=cuda_graph)
     tr = build_training(cfg, rt, total_steps=10**6)
-    if cuda_graph:
-        tr.captured = CapturedStep(tr, cfg.lr, cfg.warmup_steps, 10**6, 0, (batch, 1, 28, 28))
     if batches is not None:
         return lambda: tr.step(*next(batches))
-    aug = SimCLRAugment(cpu_kernels=rt.cpu_kernels)
+    aug = SimCLRAugment(cfg.augment, cpu_kernels=rt.cpu_kernels)
     x = torch.rand(batch, 1, 28, 28, device=rt.device)
     return lambda: tr.step(*aug(torch.cat([x, x])).chunk(2))
 
@@ -102,7 +99,8 @@ def test_epoch(benchmark, device, batch, graph):
     n = 1024 if QUICK else 60000
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
     rt = make_runtime(device, amp=cfg.amp)
-    pairs = DevicePairs(images, cfg.batch_size, torch.device(device), SimCLRAugment(cpu_kernels=rt.cpu_kernels), seed=0)
+    pairs = DevicePairs(images, cfg.batch_size, torch.device(device),
+                        SimCLRAugment(cfg.augment, cpu_kernels=rt.cpu_kernels), seed=0)
     steps = len(pairs)
 
     def epoch():

@@ -1,8 +1,8 @@
 """fastclr: fast, correct SimCLR / NT-Xent contrastive learning on MNIST and Fashion-MNIST."""
 from .augment import SimCLRAugment
-from .config import TrainConfig
+from .config import AugConfig, TrainConfig
 from .loss import NTXentLoss
 from .model import load_encoder
 
 __version__ = "0.1.0"
-__all__ = ["NTXentLoss", "SimCLRAugment", "TrainConfig", "load_encoder", "__version__"]
+__all__ = ["AugConfig", "NTXentLoss", "SimCLRAugment", "TrainConfig", "load_encoder", "__version__"]

@@ -1,104 +1,81 @@
-"""Batched SimCLR augmentation on the device with Kornia, a fresh random parameter set per sample.
+"""SimCLR's random views, drawn batched on the device with a fresh parameter set per sample.
 
 The tutorial fastclr replaces called torchvision transforms on a whole batch tensor, which draws *one*
-crop and rotation for the whole batch. Kornia draws parameters per sample (``same_on_batch=False``).
+crop and rotation for the whole batch. Here every sample draws its own parameters.
 
-Two implementations of the same random views (``SimCLRAugment(impl=...)``):
+One :class:`~fastclr.config.AugConfig` says what is drawn; two implementations draw it
+(``SimCLRAugment(impl=...)``), applying the same steps in the same order: stroke thickness, then flip, crop,
+affine and elastic warp, then brightness/contrast jitter, Gaussian blur and random erasing.
 
-* ``"kornia"`` (the reference): Kornia's RandomResizedCrop, RandomAffine and RandomElasticTransform
-  one after another; three resamplings of the batch, and RandomResizedCrop crops sample by sample.
-* ``"fused"`` (the default): the same Kornia modules draw the same per-sample parameters, then
-  :class:`FusedWarp` folds crop, affine and elastic displacement into ONE sampling grid and calls
-  ``grid_sample`` once. Why it is faster: one pass over the images instead of three, no per-sample
-  crop loop, and the elastic field's Gaussian blur (constant border) becomes two small matrix
-  products instead of a 15-tap convolution. ``tests/test_augment.py`` checks each part against
-  Kornia's own output for the same parameters, and the composition against the chain.
+* ``"fused"`` (the default): fastclr's own code. Every parameter is drawn on the images' device
+  (``fastclr.sampling``: no host sync, capturable in a CUDA graph), and :class:`~fastclr.warp.FusedWarp`
+  folds flip, crop, affine and elastic displacement into ONE sampling grid and calls ``grid_sample`` once.
+  Why it is faster: one pass over the images instead of four, no per-sample crop loop, and the elastic
+  field's Gaussian blur becomes two small matrix products instead of a 15-tap convolution.
+* ``"kornia"`` (the reference): Kornia's modules (:func:`kornia_modules`) one after another, drawing with
+  Kornia's samplers: four resamplings, and RandomResizedCrop crops sample by sample.
+
+``tests/test_augment.py`` checks each fused step against Kornia's module on the same parameters, and the
+composition against the chain; ``tests/test_sampling.py`` checks the draws against Kornia's samplers.
 """
 from __future__ import annotations
 
-import kornia.augmentation as K
 import torch
+from kornia.filters.kernels import get_gaussian_kernel1d
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, sampling
+from .config import AugConfig
 from .warp import FusedWarp
+
+ERASE_RATIO = (0.3, 3.3)    # random erasing's aspect-ratio range (Kornia's and torchvision's default)
 
 
 class SimCLRAugment(nn.Module):
-    """Random view generator for 1-channel 28x28 images (digits, clothing).
-
-    Defaults are tuned for MNIST (README, "Recipe"): a mild crop and a small rotation, plus the two
-    augmentations that fit handwriting best. One run each, 1 epoch, k-NN: 0.9760 without them, 0.9780 with
-    thickness (p 0.5), 0.9798 with thickness and elastic (p 0.5), 0.9822 with elastic at p 0.8. Large rotations turn 6 into 9 and flips turn 2
-    into 5, so neither is used; random erasing and stronger crops lowered the accuracy.
+    """Random views of a batch of images, as ``cfg`` says (see the module docstring for the order).
 
     Args:
-        size: output (H, W).
-        crop_scale: RandomResizedCrop area range; ``None`` switches the crop off.
-        crop_ratio: RandomResizedCrop aspect-ratio range.
-        degrees: rotation range +-degrees.
-        translate: translation as a fraction of the size, both axes.
-        scale: extra zoom range of the affine.
-        shear: shear range +-degrees.
-        erase_p: probability of a random erasing patch (0 switches it off).
-        hflip_p: probability of a horizontal flip (0 switches it off). Clothing is left-right symmetric; digits
-            are not. The fused path folds it into the warp's grid, so it costs no pass over the images.
-        brightness, contrast: per-sample intensity jitter (:class:`RandomIntensity`) with probability
-            ``jitter_p``: a contrast factor in [1 - contrast, 1 + contrast] and a brightness shift in
-            [-brightness, brightness] (0 and 0 switch it off).
-        jitter_p: probability of the intensity jitter per sample.
-        blur_p: probability of a Gaussian blur (Kornia's RandomGaussianBlur, 3x3, sigma 0.1-1 per sample; 0
-            switches it off).
-        thickness_p: probability of a stroke-thickness change: half of those samples are dilated, half eroded
-            (3x3 grey-level morphology); handwriting varies most in pen width.
-        elastic_p: probability of a Kornia elastic deformation (Simard et al. 2003's digit augmentation).
-        impl: ``"fused"`` (one ``grid_sample`` for crop + affine + elastic) or ``"kornia"`` (Kornia's modules
-            one after another, the reference); both draw their parameters from the same Kornia modules.
-        cpu_kernels: on CPU, run the fused warp's resampling with ``fastclr.kernels.warp_sample`` (the Runtime
-            decides, see ``fastclr.backend``); the same output as the PyTorch ops to float rounding.
+        cfg: the augmentation settings (default: ``AugConfig()``, the MNIST recipe).
+        size: output (H, W); ``None``: the input's size.
+        impl: ``"fused"`` (fastclr's draws and one ``grid_sample``) or ``"kornia"`` (Kornia's modules one after
+            another, the reference).
+        cpu_kernels: on the CPU, run the fused warp's resampling and the thickness filter with
+            ``fastclr.kernels`` (the Runtime decides, see ``fastclr.backend``); the same output as the PyTorch
+            ops to float rounding.
 
     Shape:
         x: (B, C, H, W) float in [0, 1] on any device. Output: (B, C, *size), same dtype and device, in [0, 1].
     """
 
-    def __init__(self, size: tuple[int, int] = (28, 28), crop_scale: tuple[float, float] | None = (0.6, 1.0),
-                 crop_ratio: tuple[float, float] = (0.75, 1.333), degrees: float = 15.0, translate: float = 0.1,
-                 scale: tuple[float, float] = (0.9, 1.1), shear: float = 10.0, erase_p: float = 0.0,
-                 blur_p: float = 0.0, thickness_p: float = 0.5, elastic_p: float = 0.8, impl: str = "fused",
-                 cpu_kernels: bool = False, hflip_p: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
-                 jitter_p: float = 0.8):
+    def __init__(self, cfg: AugConfig | None = None, size: tuple[int, int] | None = None, impl: str = "fused",
+                 cpu_kernels: bool = False):
         super().__init__()
         if impl not in ("fused", "kornia"):
             raise ValueError(f"impl must be 'fused' or 'kornia', got {impl!r}")
-        self.impl = impl
-        crop = K.RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio, same_on_batch=False) \
-            if crop_scale is not None else None
-        affine = K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear,
-                                same_on_batch=False, p=1.0) \
-            if degrees or translate or shear or scale != (1.0, 1.0) else None
-        elastic = K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(0.5, 0.5), p=elastic_p) \
-            if elastic_p > 0 else None
-        flip = K.RandomHorizontalFlip(p=hflip_p) if hflip_p > 0 else None
-        geometric = [m for m in (flip, crop, affine, elastic) if m is not None]
-        ops: list[nn.Module] = [RandomThickness(thickness_p, cpu_kernels)] if thickness_p > 0 else []
-        if impl == "fused" and geometric:
-            ops.append(FusedWarp(crop, affine, elastic, size, cpu_kernel=cpu_kernels, flip=flip))
+        cfg = cfg or AugConfig()
+        self.cfg, self.impl = cfg, impl
+        ops: list[nn.Module] = [RandomThickness(cfg.thickness_p, cpu_kernels)] if cfg.thickness_p > 0 else []
+        if impl == "kornia":
+            ref = kornia_modules(cfg, size)
+            ops += [ref[k] for k in ("flip", "crop", "affine", "elastic") if k in ref]
         else:
-            ops.extend(geometric)
-        if (brightness > 0 or contrast > 0) and jitter_p > 0:
-            ops.append(RandomIntensity(brightness, contrast, jitter_p))
-        if blur_p > 0:
-            ops.append(K.RandomGaussianBlur((3, 3), sigma=(0.1, 1.0), p=blur_p))
-        if erase_p > 0:
-            ops.append(K.RandomErasing(scale=(0.02, 0.1), p=erase_p))
+            warp = FusedWarp(cfg, size, cpu_kernel=cpu_kernels)
+            ops += [warp] if warp.steps else []
+        if cfg.has_jitter:
+            ops.append(RandomIntensity(cfg.brightness, cfg.contrast, cfg.jitter_p))
+        if impl == "kornia":
+            ops += [ref[k] for k in ("blur", "erase") if k in ref]
+        else:
+            ops += [RandomBlur(cfg.blur_sigma, cfg.blur_p)] if cfg.blur_p > 0 else []
+            ops += [RandomErase(cfg.erase_scale, cfg.erase_p)] if cfg.erase_p > 0 else []
         self.ops = nn.Sequential(*ops)
 
     @property
     def views_per_call(self) -> int | None:
-        """How many views a caller should augment per call (DevicePairs follows it). The fused warp's cost has a
-        large fixed part (Kornia's parameter draws, the warp's small matrices), so big calls pay off; Kornia's
-        chain gets slower per view in big calls, so it takes one batch at a time (None). Timings:
-        docs/design.md, "Measurements behind the code"."""
+        """How many views a caller should augment per call (DevicePairs follows it). The fused path's cost has a
+        large fixed part (the parameter draws, the warp's small matrices: a few hundred small ops), so big calls
+        pay off; Kornia's chain gets slower per view in big calls, so it takes one batch at a time (None).
+        ``benchmarks/bench_augment.py`` times both."""
         return 4096 if self.impl == "fused" else None
 
     @torch.no_grad()  # views are inputs, not part of the graph: no autograd bookkeeping for the warps
@@ -106,6 +83,32 @@ class SimCLRAugment(nn.Module):
         dtype = x.dtype
         y = self.ops(x.float()) if dtype != torch.float32 else self.ops(x)
         return y.clamp_(0.0, 1.0).to(dtype)
+
+
+def kornia_modules(cfg: AugConfig, size: tuple[int, int] | None = None) -> dict[str, nn.Module]:
+    """Kornia's modules for ``cfg``'s steps, by name (flip, crop, affine, elastic, blur, erase; only those that are
+    on): the reference chain (``impl="kornia"``) and the tests' oracle. ``size``: the crop's output (H, W)
+    (default 28 x 28, the datasets fastclr reads today)."""
+    import kornia.augmentation as K
+
+    mods: dict[str, nn.Module] = {}
+    if cfg.hflip_p > 0:
+        mods["flip"] = K.RandomHorizontalFlip(p=cfg.hflip_p)
+    if cfg.crop_scale is not None:
+        mods["crop"] = K.RandomResizedCrop(size or (28, 28), scale=cfg.crop_scale, ratio=tuple(cfg.crop_ratio),
+                                           same_on_batch=False)
+    if cfg.has_affine:
+        mods["affine"] = K.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate),
+                                        scale=tuple(cfg.zoom), shear=cfg.shear, same_on_batch=False, p=1.0)
+    if cfg.elastic_p > 0:
+        k, sigma, alpha = cfg.elastic_kernel, cfg.elastic_sigma, cfg.elastic_alpha
+        mods["elastic"] = K.RandomElasticTransform(kernel_size=(k, k), sigma=(sigma, sigma), alpha=(alpha, alpha),
+                                                   p=cfg.elastic_p)
+    if cfg.blur_p > 0:
+        mods["blur"] = K.RandomGaussianBlur((3, 3), sigma=tuple(cfg.blur_sigma), p=cfg.blur_p)
+    if cfg.erase_p > 0:
+        mods["erase"] = K.RandomErasing(scale=tuple(cfg.erase_scale), ratio=ERASE_RATIO, p=cfg.erase_p)
+    return mods
 
 
 def _max3x3(x: Tensor) -> Tensor:
@@ -166,8 +169,68 @@ class RandomIntensity(nn.Module):
         return (x * c).clamp_(max=1.0).add_(s).clamp_(0.0, 1.0)     # x >= 0 and c >= 0: c x needs no lower clip
 
 
-def tutorial_batch_augment(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The tutorial's augmentation, for benchmarks only: one crop and one rotation for the whole batch."""
-    from torchvision import transforms
+class RandomBlur(nn.Module):
+    """Per-sample 3x3 Gaussian blur, drawn on the images' device: with probability p a sample is blurred with
+    sigma ~ U(sigma) (one sigma for both axes), reflected border; Kornia's RandomGaussianBlur on the same
+    parameters (``tests/test_augment.py``).
 
-    return (transforms.RandomResizedCrop(28, scale=(0.8, 1.0))(x), transforms.RandomRotation(10)(x))
+    Why it is fast: the normalised 3-tap kernel is [k, 1 - 2k, k], so each axis is y = x + k (left + right - 2x)
+    with k a (B, 1, 1, 1) weight, a handful of in-place elementwise passes, where Kornia builds B kernels and runs
+    a grouped convolution over the chosen samples (4x faster on 4,096 28x28 views, 2 CPU threads). k = 0 for the
+    samples not drawn leaves them exactly as they were, so no select is needed.
+
+    Shape: x (B, C, H, W) float, H and W >= 2; output the same shape.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 1.0), p: float = 0.5):
+        super().__init__()
+        self.sigma, self.p = tuple(sigma), p
+
+    def draw(self, b: int, device) -> dict:
+        """``{"sigma": (B,), "batch_prob": (B,)}`` in Kornia's format (1.0 for the samples blurred)."""
+        return {"batch_prob": sampling.coin(b, self.p, device), "sigma": sampling.uniform(b, *self.sigma, device)}
+
+    def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
+        params = self.draw(x.shape[0], x.device) if params is None else params
+        side = get_gaussian_kernel1d(3, params["sigma"].to(x.device, x.dtype)[:, None])[:, 0]   # (B,): k
+        k = torch.where(params["batch_prob"].to(x.device).bool(), side, 0.0).view(-1, 1, 1, 1)
+        return _blur3(_blur3(x, k, -1), k, -2)
+
+
+def _blur3(x: Tensor, k: Tensor, dim: int) -> Tensor:
+    """x + k (left + right - 2x) along ``dim``, reflected at both ends (the neighbour beyond an edge is the
+    pixel inside it: left + right = 2 x[1] at the first pixel)."""
+    n = x.shape[dim]
+    s = torch.empty_like(x)
+    s.narrow(dim, 1, n - 2).copy_(x.narrow(dim, 0, n - 2)).add_(x.narrow(dim, 2, n - 2))
+    s.narrow(dim, 0, 1).copy_(x.narrow(dim, 1, 1)).mul_(2)
+    s.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 2, 1)).mul_(2)
+    return s.sub_(x, alpha=2).mul_(k).add_(x)
+
+
+class RandomErase(nn.Module):
+    """Per-sample random erasing, drawn on the images' device: with probability p a rectangle of area
+    U(scale) x H x W and aspect ratio in ``ERASE_RATIO`` is set to 0; Kornia's RandomErasing on the same
+    parameters (``tests/test_augment.py``). One elementwise pass (a mask from the box edges), no host sync.
+
+    Shape: x (B, C, H, W) float; output the same shape.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.02, 0.1), p: float = 0.5):
+        super().__init__()
+        self.scale, self.p = tuple(scale), p
+
+    def draw(self, b: int, size: tuple[int, int], device) -> dict:
+        """``{"xs", "ys", "widths", "heights", "batch_prob"}``, each (B,), in Kornia's format."""
+        return {"batch_prob": sampling.coin(b, self.p, device),
+                **sampling.erase_boxes(b, size, self.scale, ERASE_RATIO, device)}
+
+    def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
+        h, w = x.shape[-2:]
+        params = self.draw(x.shape[0], (h, w), x.device) if params is None else params
+        col = lambda k: params[k].to(x.device, torch.float32).view(-1, 1, 1)
+        xx = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
+        yy = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
+        inside = ((xx >= col("xs")) & (xx < col("xs") + col("widths"))
+                  & (yy >= col("ys")) & (yy < col("ys") + col("heights")) & (col("batch_prob") > 0.5))
+        return x.masked_fill(inside[:, None], 0.0)

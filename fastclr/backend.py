@@ -25,13 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FastclrError  # noqa: F401  (re-exported: fastclr.backend.FastclrError still imports)
+
 KNN_BACKENDS = ("cuml", "torch", "sklearn")
 TSNE_BACKENDS = ("cuml", "sklearn")
 PROBE_BACKENDS = ("torch", "sklearn")
-
-
-class FastclrError(Exception):
-    """An error caused by the user's input or environment; the CLI prints it as one line."""
 
 
 # --------------------------------------------------------------------------- probes (cached)

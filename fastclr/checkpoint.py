@@ -1,4 +1,10 @@
-"""Checkpoints: the one place that writes and reads them, and the loop state they carry.
+"""Checkpoints: the one place that writes and reads them, owns their schema, and checks a resume.
+
+The payload (:func:`make_payload`) holds the flat config, the encoder's hyperparameters and weights, the head,
+optimiser, schedule and scaler states, the RNG and data-order states and the loop's :class:`TrainState`.
+Only this module reads its keys: :func:`encoder_state` for ``load_encoder``, :func:`restore_training` for a
+resumed run, :func:`check_resume` against the settings' resume rules (``fastclr.config``: a ``FIXED``
+setting must keep its saved value).
 
 Writing is atomic (temporary file in the same folder, fsync, rename), so a kill at any moment leaves the
 previous checkpoint or the new one. A write that fails (full disk, folder gone or read-only) removes its
@@ -23,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import FastclrError
+from .config import FIXED, TrainConfig, default_of, leaf_fields
+from .errors import FastclrError
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -151,3 +158,66 @@ def _unsafe_global(exc: BaseException) -> str | None:
         if "GLOBAL" in line:
             return line.split("GLOBAL", 1)[1].split()[0]
     return None
+
+
+# --------------------------------------------------------------------------- the schema
+
+def make_payload(cfg: TrainConfig, tr, loader_state: dict, state: TrainState) -> dict:
+    """Everything a resume needs, as tensors and plain data (read back weights-only). ``tr``: the run's
+    ``fastclr.train.Training``."""
+    return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+            "encoder_hparams": tr.model.encoder.hparams, "encoder": tr.model.encoder.state_dict(),
+            "head": tr.model.head.state_dict(), "optimizer": tr.optimizer.state_dict(),
+            "scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state(),
+            "loader": loader_state, "state": state.to_dict()}
+
+
+def encoder_state(ckpt: dict) -> tuple[dict, dict]:
+    """The encoder's constructor arguments and its weights, from any readable format."""
+    return dict(ckpt["encoder_hparams"]), ckpt["encoder"]
+
+
+def restore_training(tr, ckpt: dict) -> None:
+    """Load a checkpoint's weights and optimiser, schedule and scaler states into ``tr`` (a Training)."""
+    tr.model.encoder.load_state_dict(ckpt["encoder"])
+    tr.model.head.load_state_dict(ckpt["head"])
+    tr.optimizer.load_state_dict(ckpt["optimizer"])
+    tr.scheduler.load_state_dict(ckpt["scheduler"])
+    tr.scaler.load_state_dict(ckpt["scaler"])
+
+
+def loop_state(ckpt: dict) -> tuple[TrainState, dict]:
+    """The loop's TrainState and the data order's state; restores the global RNG states on the way."""
+    set_rng_state(ckpt["rng"])
+    return TrainState(**ckpt["state"]), ckpt["loader"]
+
+
+def saved_config(ckpt: dict) -> dict:
+    """The run's flat config as saved (``TrainConfig.to_dict``'s form; earlier files lack later settings)."""
+    return dict(ckpt.get("config", {}))
+
+
+def check_resume(saved: dict, cfg: TrainConfig) -> None:
+    """FastclrError naming every FIXED setting whose value differs from the saved run's. A setting a file lacks
+    was written before it existed: that run had its default."""
+    now = cfg.to_dict()
+    diff = [f.name for f in leaf_fields(type(cfg)) if f.metadata["resume"] == FIXED
+            and _same(saved.get(f.name, default_of(f))) != _same(now[f.name])]
+    if diff:
+        pairs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diff)
+        raise FastclrError(f"--resume needs the settings of the saved run: {pairs}")
+
+
+def _same(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def read_resume_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> dict:
+    """The checkpoint --resume continues from, checked against ``cfg``; on the CPU (RNG states stay there)."""
+    ckpt = read_checkpoint(path)
+    if "state" not in ckpt:
+        raise FastclrError(f"{path} was written by an older fastclr (checkpoint format {ckpt.get('format')}): its "
+                           "encoder loads (fastclr.eval, load_encoder) but --resume needs format "
+                           f"{CHECKPOINT_FORMAT}; start a new run")
+    check_resume(saved_config(ckpt), cfg)
+    return ckpt

@@ -1,9 +1,24 @@
-"""The one training configuration: a typed dataclass with documented defaults; the CLI is generated from it.
+"""Every setting of a run, declared once: default, help, choices, bounds and resume rule on its field.
 
-Every field becomes a flag (``batch_size`` -> ``--batch-size``; booleans get ``--x/--no-x``), its help is
-the field's ``help`` metadata, and the resolved config is saved in ``metrics.json`` and the checkpoint.
-The defaults are the ``mnist`` recipe; :func:`resolve_config` applies a named recipe (``fastclr.recipes``)
-under the flags given on the command line: defaults < recipe < flags.
+Two plain dataclasses. :class:`AugConfig` is the distribution of random views: it travels whole to the
+three pipelines that draw them (the fused warp, Kornia's reference chain, the torchvision transforms).
+:class:`TrainConfig` holds everything else, flat, with the augmentation as its ``augment`` field.
+
+Why flat, with one nested group, rather than a tree of groups (data, model, optimisation, ...): flags,
+recipes, ``metrics.json`` and the checkpoints of every earlier fastclr name settings by one flat, unique
+name (``--hflip-p``, ``hflip_p``), and every other group is read field by field by the one function that
+uses it. The augmentation is the only group handed on whole, so it is the only one with its own type.
+
+Each field's metadata (:func:`setting`) says:
+
+* ``help`` and ``choices``: the CLI is generated from them (``batch_size`` -> ``--batch-size``; booleans get
+  ``--x/--no-x``; pairs take two numbers), for ``fastclr.train``, ``fastclr.speedrun`` and ``fastclr.eval``;
+* ``lo`` / ``hi`` (``lo_open``): the bounds :meth:`TrainConfig.validate` checks;
+* ``resume``: ``FIXED`` (a resumed run must keep the saved value: it changes what the run computes) or
+  ``FREE`` (logging, evaluation, output). ``fastclr.checkpoint`` checks a resume against it;
+  ``tests/test_config.py`` fails for a field without it.
+
+Settings resolve as defaults < recipe (``fastclr.recipes``) < flags: :meth:`TrainConfig.from_recipe`.
 """
 from __future__ import annotations
 
@@ -13,161 +28,290 @@ import typing
 from dataclasses import dataclass, field
 
 from . import recipes
-from .backend import FastclrError
+from .errors import FastclrError
+
+FIXED, FREE = "fixed", "free"     # may a resumed run change the setting?
 
 
-def _f(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def setting(default, help: str, resume: str, choices=None, lo=None, hi=None, lo_open: bool = False,
+            flag: str | None = None):
+    """A dataclass field carrying its CLI help, choices, bounds and resume rule (see the module docstring)."""
+    if resume not in (FIXED, FREE):
+        raise ValueError(f"resume must be FIXED or FREE, got {resume!r}")
+    meta = dict(help=help, resume=resume, choices=choices, lo=lo, hi=hi, lo_open=lo_open)
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _p(default: float, help: str):
+    """A probability (or a [0, 1] range) that changes the views: FIXED on resume."""
+    return setting(default, help, FIXED, lo=0.0, hi=1.0)
+
+
+@dataclass
+class AugConfig:
+    """The random views: what is drawn, per sample (``fastclr.augment`` says in which order it applies).
+
+    The defaults are the MNIST recipe (docs/recipe.md): a mild crop and a small rotation, stroke thickness
+    and an elastic warp; large rotations turn 6 into 9 and flips turn 2 into 5, so neither is on."""
+
+    crop_min: float = setting(0.6, "RandomResizedCrop minimum area fraction (1.0 switches the crop off)", FIXED,
+                              lo=0.0, hi=1.0, lo_open=True)
+    crop_ratio: tuple = setting((0.75, 1.333), "RandomResizedCrop aspect-ratio range (width / height)", FIXED,
+                                lo=0.0, lo_open=True)
+    degrees: float = setting(15.0, "rotation range, +-degrees", FIXED, lo=0.0, hi=180.0)
+    translate: float = setting(0.1, "translation range, fraction of the image size", FIXED, lo=0.0, hi=1.0)
+    zoom: tuple = setting((0.9, 1.1), "the affine's isotropic scale range", FIXED, lo=0.0, lo_open=True)
+    shear: float = setting(10.0, "shear range, +-degrees", FIXED, lo=0.0, hi=89.0)
+    hflip_p: float = _p(0.0, "horizontal-flip probability (clothing is left-right symmetric; digits are not)")
+    thickness_p: float = _p(0.5, "probability of a random stroke-thickness change (3x3 dilate or erode)")
+    elastic_p: float = _p(0.8, "probability of an elastic deformation")
+    elastic_alpha: float = setting(0.5, "elastic displacement scale, in grid units (Kornia's alpha)", FIXED, lo=0.0)
+    elastic_sigma: float = setting(4.0, "elastic field smoothness: Gaussian sigma in pixels", FIXED, lo=0.0,
+                                   lo_open=True)
+    elastic_kernel: int = setting(15, "elastic field's Gaussian kernel size in pixels (odd)", FIXED, lo=1)
+    brightness: float = _p(0.0, "per-sample brightness shift range, +- (0: off)")
+    contrast: float = _p(0.0, "per-sample contrast factor range, 1 +- contrast (0: off)")
+    jitter_p: float = _p(0.8, "probability of the brightness/contrast jitter per sample")
+    blur_p: float = _p(0.0, "Gaussian-blur probability (3x3, reflected border)")
+    blur_sigma: tuple = setting((0.1, 1.0), "the blur's sigma range, drawn per sample", FIXED, lo=0.0, lo_open=True)
+    erase_p: float = _p(0.0, "random-erasing probability (one black rectangle)")
+    erase_scale: tuple = setting((0.02, 0.1), "random erasing's area range, fraction of the image", FIXED,
+                                 lo=0.0, hi=1.0, lo_open=True)
+
+    @property
+    def crop_scale(self) -> tuple[float, float] | None:
+        """The crop's area range, ``None`` when the crop is off."""
+        return None if self.crop_min >= 1 else (self.crop_min, 1.0)
+
+    @property
+    def has_affine(self) -> bool:
+        return bool(self.degrees or self.translate or self.shear or tuple(self.zoom) != (1.0, 1.0))
+
+    @property
+    def has_jitter(self) -> bool:
+        return (self.brightness > 0 or self.contrast > 0) and self.jitter_p > 0
 
 
 @dataclass
 class TrainConfig:
-    recipe: str = _f("mnist", "named recipe (fastclr.recipes; default: the dataset's own, mnist or fashion-mnist); "
-                              "flags given with it override its fields", list(recipes.RECIPES))
+    """A whole run: data, the view pipeline, network, optimisation, runtime, evaluation and output.
+
+    Build it with :meth:`from_recipe` (defaults < recipe < overrides), or directly for the defaults;
+    :meth:`to_dict` / :meth:`from_dict` give the flat form that ``metrics.json`` and checkpoints hold."""
+
+    recipe: typing.Optional[str] = setting(None, "named recipe (fastclr.recipes; default: the dataset's own, mnist "
+                                                 "or fashion-mnist); flags given with it override its fields", FREE,
+                                           choices=list(recipes.RECIPES))
     # data
-    dataset: str = _f("mnist", "dataset to train on", ["mnist", "fashion-mnist"])
-    data_dir: typing.Optional[str] = _f(None, "dataset root holding MNIST/raw or FashionMNIST/raw "
-                                               "(default: $FASTCLR_DATA, else ./data; downloaded when missing)")
-    loader: str = _f("device", "device: whole uint8 dataset on the device, augmented there with Kornia; "
-                               "torchvision: DataLoader with per-sample CPU transforms", ["device", "torchvision"])
-    workers: int = _f(2, "DataLoader worker processes for --loader torchvision")
-    train_subset: int = _f(0, "train on the first N training images only (0: all); for quick tests")
+    dataset: str = setting("mnist", "dataset to train on", FIXED, choices=["mnist", "fashion-mnist"])
+    data_dir: typing.Optional[str] = setting(None, "dataset root holding MNIST/raw or FashionMNIST/raw "
+                                                   "(default: $FASTCLR_DATA, else ./data; downloaded when missing)",
+                                             FREE)
+    train_subset: int = setting(0, "train on the first N training images only (0: all); for quick tests", FIXED, lo=0)
+    # the view pipeline: which code draws the views of ``augment``
+    loader: str = setting("device", "device: the whole uint8 dataset on the device, views drawn there in blocks; "
+                                    "torchvision: a DataLoader with per-sample torchvision transforms on the CPU",
+                          FIXED, choices=["device", "torchvision"])
+    workers: int = setting(2, "DataLoader worker processes for --loader torchvision", FREE, lo=0)
+    aug: bool = setting(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)",
+                        FIXED)
+    aug_impl: str = setting("fused", "--loader device's views: fused (fastclr's own draws on the device, flip + crop "
+                                     "+ affine + elastic as one resampling) or kornia (Kornia's modules one after "
+                                     "another: the reference)", FIXED, choices=["fused", "kornia"])
+    augment: AugConfig = field(default_factory=AugConfig)
     # model
-    arch: str = _f("cnn", "encoder: cnn (3 conv-BN stages) or tutorial (the tutorial's 2-conv net)",
-                   ["cnn", "tutorial"])
-    width: int = _f(32, "channels of the first conv stage (cnn: width, 2x, 4x)")
-    embed_dim: int = _f(128, "encoder output size (the embedding that is evaluated)")
-    proj_hidden: int = _f(256, "projection head hidden size")
-    proj_dim: int = _f(64, "projection head output size (what the loss sees)")
-    proj_bn: bool = _f(True, "BatchNorm in the projection head (--no-proj-bn with --arch tutorial: a BN-free net)")
+    arch: str = setting("cnn", "encoder: cnn (3 conv-BN stages) or tutorial (the tutorial's 2-conv net)", FIXED,
+                        choices=["cnn", "tutorial"])
+    width: int = setting(32, "channels of the first conv stage (cnn: width, 2x, 4x)", FIXED, lo=1)
+    embed_dim: int = setting(128, "encoder output size (the embedding that is evaluated)", FIXED, lo=1)
+    proj_hidden: int = setting(256, "projection head hidden size", FIXED, lo=1)
+    proj_dim: int = setting(64, "projection head output size (what the loss sees)", FIXED, lo=1)
+    proj_bn: bool = setting(True, "BatchNorm in the projection head (--no-proj-bn with --arch tutorial: a BN-free "
+                                  "net)", FIXED)
     # optimisation
-    epochs: int = _f(1, "passes over the training set")
-    max_steps: int = _f(0, "stop after this many steps in all (0: no limit)")
-    batch_size: int = _f(128, "pairs per step (each step sees 2 x batch_size augmented images)")
-    lr: float = _f(3e-3, "peak AdamW learning rate (after warm-up, then cosine decay to 0)")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    warmup_steps: int = _f(20, "linear learning-rate warm-up steps")
-    temperature: float = _f(0.2, "NT-Xent temperature")
-    loss_impl: str = _f("reference", "NT-Xent implementation (fastclr.loss): reference, compiled (torch.compile), "
-                                     "tiled (O(N) memory), triton (fused GPU kernels, O(N) memory), auto (the "
-                                     "fastest for the shape: measured once on CUDA, a size rule on the CPU)",
-                        ["reference", "compiled", "tiled", "triton", "auto"])
-    # augmentation (see fastclr.augment.SimCLRAugment)
-    crop_min: float = _f(0.6, "RandomResizedCrop minimum area fraction (1.0 switches the crop off)")
-    degrees: float = _f(15.0, "rotation range, +-degrees")
-    translate: float = _f(0.1, "translation range, fraction of the image size")
-    shear: float = _f(10.0, "shear range, +-degrees")
-    erase_p: float = _f(0.0, "random-erasing probability")
-    hflip_p: float = _f(0.0, "horizontal-flip probability (clothing is left-right symmetric; digits are not)")
-    brightness: float = _f(0.0, "per-sample brightness shift range, +- (0: off)")
-    contrast: float = _f(0.0, "per-sample contrast factor range, 1 +- contrast (0: off)")
-    jitter_p: float = _f(0.8, "probability of the brightness/contrast jitter per sample")
-    blur_p: float = _f(0.0, "Gaussian-blur probability (3x3, sigma 0.1-1 per sample)")
-    thickness_p: float = _f(0.5, "probability of a random stroke-thickness change (dilate or erode)")
-    elastic_p: float = _f(0.8, "probability of an elastic deformation")
-    aug: bool = _f(True, "augment at all (--no-aug: both views are the plain image; for tests and ablations)")
-    aug_impl: str = _f("fused", "fused: crop + affine + elastic as one grid_sample; kornia: Kornia's modules one after "
-                                "another (the reference); both draw crop and affine parameters from Kornia",
-                       ["fused", "kornia"])
+    epochs: int = setting(1, "passes over the training set", FIXED, lo=1)
+    max_steps: int = setting(0, "stop after this many steps in all (0: no limit)", FIXED, lo=0)
+    batch_size: int = setting(128, "pairs per step (each step sees 2 x batch_size augmented images)", FIXED, lo=2)
+    lr: float = setting(3e-3, "peak AdamW learning rate (after warm-up, then cosine decay to 0)", FIXED, lo=0.0,
+                        lo_open=True)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", FIXED, lo=0.0)
+    warmup_steps: int = setting(20, "linear learning-rate warm-up steps", FIXED, lo=0)
+    temperature: float = setting(0.2, "NT-Xent temperature", FIXED, lo=0.0, lo_open=True)
+    loss_impl: str = setting("reference", "NT-Xent implementation (fastclr.loss): reference, compiled "
+                                          "(torch.compile), tiled (O(N) memory), triton (fused GPU kernels, O(N) "
+                                          "memory), auto (the fastest for the shape: measured once on CUDA, a size "
+                                          "rule on the CPU)", FREE,
+                             choices=["reference", "compiled", "tiled", "triton", "auto"])
     # runtime (decided in fastclr.backend)
-    device: str = _f("auto", "auto: cuda when present, else cpu", ["auto", "cpu", "cuda"])
-    amp: bool = _f(True, "mixed precision (autocast): bf16, or fp16 + GradScaler, on CUDA; bf16 on CPUs with native "
-                         "bf16 instructions, fp32 on other CPUs (fastclr.backend decides; --no-amp: fp32 everywhere)")
-    compile: bool = _f(False, "torch.compile the model")
-    cuda_graph: bool = _f(False, "capture the training step as a CUDA graph and replay it (CUDA, one process, "
-                                 "bf16 or fp32; fastclr.capture): one launch per step instead of hundreds")
-    channels_last: bool = _f(True, "channels_last memory format for the convolutions (faster with oneDNN/cuDNN)")
-    seed: int = _f(0, "random seed (model init, permutation, augmentation); CPU runs are bit-reproducible")
-    deterministic: bool = _f(False, "PyTorch's deterministic algorithms (for reproducible CUDA runs; slower)")
+    device: str = setting("auto", "auto: cuda when present, else cpu", FREE, choices=["auto", "cpu", "cuda"])
+    amp: bool = setting(True, "mixed precision (autocast): bf16, or fp16 + GradScaler, on CUDA; bf16 on CPUs with "
+                              "native bf16 instructions, fp32 on other CPUs (fastclr.backend decides; --no-amp: fp32 "
+                              "everywhere)", FREE)
+    compile: bool = setting(False, "torch.compile the model", FREE)
+    cuda_graph: bool = setting(False, "capture the training step as a CUDA graph and replay it (CUDA, one process, "
+                                      "bf16 or fp32; fastclr.capture): one launch per step instead of hundreds", FIXED)
+    channels_last: bool = setting(True, "channels_last memory format for the convolutions (faster with "
+                                        "oneDNN/cuDNN)", FREE)
+    seed: int = setting(0, "random seed (model init, permutation, augmentation); CPU runs are bit-reproducible",
+                        FIXED)
+    deterministic: bool = setting(False, "PyTorch's deterministic algorithms (for reproducible CUDA runs; slower)",
+                                  FREE)
     # evaluation
-    knn_k: int = _f(20, "neighbours in the k-NN vote")
-    knn_temperature: float = _f(0.07, "k-NN vote weight exp(sim / T)")
-    knn_backend: typing.Optional[str] = _f(None, "auto, cuml, torch or sklearn (env FASTCLR_KNN_BACKEND)")
-    tsne_backend: typing.Optional[str] = _f(None, "auto, cuml or sklearn (env FASTCLR_TSNE_BACKEND)")
-    probe_backend: typing.Optional[str] = _f(None, "auto, torch or sklearn (env FASTCLR_PROBE_BACKEND)")
-    tsne_points: int = _f(2000, "test points in tsne.png (0: no plot)")
-    pixel_knn: bool = _f(True, "also report k-NN on raw pixels under the same protocol")
-    linear_probe: bool = _f(True, "also report linear-probe accuracy")
-    eval: bool = _f(True, "evaluate after training")
-    target_knn: float = _f(0.0, "stop as soon as k-NN test accuracy reaches this (0: train all epochs); "
-                                "checked every --eval-every steps and at each epoch's end")
-    eval_every: int = _f(0, "steps between k-NN checks for --target-knn (0: at each epoch's end only)")
+    knn_k: int = setting(20, "neighbours in the k-NN vote", FREE, lo=1)
+    knn_temperature: float = setting(0.07, "k-NN vote weight exp(sim / T)", FREE, lo=0.0, lo_open=True)
+    knn_backend: typing.Optional[str] = setting(None, "auto, cuml, torch or sklearn (env FASTCLR_KNN_BACKEND)", FREE)
+    tsne_backend: typing.Optional[str] = setting(None, "auto, cuml or sklearn (env FASTCLR_TSNE_BACKEND)", FREE)
+    probe_backend: typing.Optional[str] = setting(None, "auto, torch or sklearn (env FASTCLR_PROBE_BACKEND)", FREE)
+    tsne_points: int = setting(2000, "test points in tsne.png (0: no plot)", FREE, lo=0)
+    pixel_knn: bool = setting(True, "also report k-NN on raw pixels under the same protocol", FREE)
+    linear_probe: bool = setting(True, "also report linear-probe accuracy", FREE)
+    eval: bool = setting(True, "evaluate after training", FREE)
+    target_knn: float = setting(0.0, "stop as soon as k-NN test accuracy reaches this (0: train all epochs); "
+                                     "checked every --eval-every steps and at each epoch's end", FREE, lo=0.0, hi=1.0)
+    eval_every: int = setting(0, "steps between k-NN checks for --target-knn (0: at each epoch's end only)", FREE,
+                              lo=0)
     # output
-    out: typing.Optional[str] = _f(None, "run folder (default: runs/<timestamp>)")
-    overwrite: bool = _f(False, "allow --out to hold an earlier, different run")
-    resume: bool = _f(False, "continue the run in --out from its checkpoint")
-    checkpoint_every: int = _f(0, "steps between extra mid-epoch checkpoints (0: at each epoch's end only)")
-    log_every: int = _f(10, "steps between progress-bar updates (each costs one host sync)")
+    out: typing.Optional[str] = setting(None, "run folder (default: runs/<timestamp>)", FREE)
+    overwrite: bool = setting(False, "allow --out to hold an earlier, different run", FREE)
+    resume: bool = setting(False, "continue the run in --out from its checkpoint", FREE)
+    checkpoint_every: int = setting(0, "steps between extra mid-epoch checkpoints (0: at each epoch's end only)",
+                                    FREE, lo=0)
+    log_every: int = setting(10, "steps between progress-bar updates (each costs one host sync)", FREE, lo=1)
+
+    @classmethod
+    def from_recipe(cls, name: str | None = None, **overrides) -> "TrainConfig":
+        """Recipe ``name`` (default: the dataset's own, ``overrides.get("dataset", "mnist")``) under the flat
+        ``overrides``; the config records the recipe's name. FastclrError for an unknown recipe or field."""
+        name = name or recipes.default_recipe(overrides.get("dataset", "mnist"))
+        try:
+            settings = recipes.recipe_settings(name)
+        except ValueError as exc:
+            raise FastclrError(f"--recipe: {exc}") from None
+        return cls.from_dict({**settings, **overrides, "recipe": name})
+
+    @classmethod
+    def from_dict(cls, flat: dict, ignore_unknown: bool = False) -> "TrainConfig":
+        """A config from flat ``{name: value}`` (``to_dict``'s form); absent names take their defaults, so a
+        file written before a setting existed reads as if it ran with the default."""
+        aug_names = {f.name for f in dataclasses.fields(AugConfig)}
+        top_names = {f.name for f in dataclasses.fields(cls)} - {"augment"}
+        unknown = set(flat) - aug_names - top_names
+        if unknown and not ignore_unknown:
+            raise FastclrError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        tuples = {f.name for f in leaf_fields(cls) if isinstance(default_of(f), tuple)}
+        fix = lambda k, v: tuple(v) if k in tuples and v is not None else v     # JSON turns tuples into lists
+        aug = AugConfig(**{k: fix(k, v) for k, v in flat.items() if k in aug_names})
+        return cls(**{k: fix(k, v) for k, v in flat.items() if k in top_names}, augment=aug)
+
+    def to_dict(self) -> dict:
+        """Every setting by its flat name (what ``metrics.json`` and the checkpoint save)."""
+        return {f.name: getattr(owner, f.name) for owner, f in self._leaves()}
+
+    def _leaves(self):
+        for f in dataclasses.fields(self):
+            if f.name == "augment":
+                yield from ((self.augment, g) for g in dataclasses.fields(self.augment))
+            else:
+                yield self, f
 
     def validate(self) -> None:
-        """Raise FastclrError for settings that cannot work (the CLI prints it as one line)."""
-        for name, lo in (("epochs", 1), ("batch_size", 2), ("width", 1), ("embed_dim", 1), ("knn_k", 1),
-                         ("log_every", 1)):
-            if getattr(self, name) < lo:
-                raise FastclrError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
-        for name in ("temperature", "lr", "knn_temperature"):
-            if not getattr(self, name) > 0:
-                raise FastclrError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.target_knn <= 1:
-            raise FastclrError(f"--target-knn must be in [0, 1], got {self.target_knn}")
-        if not 0 < self.crop_min <= 1:
-            raise FastclrError(f"--crop-min must be in (0, 1], got {self.crop_min}")
-        for name in ("erase_p", "hflip_p", "brightness", "contrast", "jitter_p", "blur_p", "thickness_p",
-                     "elastic_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise FastclrError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise FastclrError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} is unknown; "
-                                   f"choose one of: {', '.join(choices)}")
+        """Raise FastclrError for a setting outside its choices or bounds (the CLI prints it as one line)."""
+        for owner, f in self._leaves():
+            value = getattr(owner, f.name)
+            choices = f.metadata["choices"]
+            if choices and value is not None and value not in choices:
+                raise FastclrError(f"{_flag(f.name)} {value!r} is unknown; choose one of: {', '.join(choices)}")
+            for v in (value if isinstance(value, tuple) else (value,)):
+                _check_bounds(f, v)
+            if isinstance(value, tuple) and not (len(value) == 2 and value[0] <= value[1]):
+                raise FastclrError(f"{_flag(f.name)} must be a (min, max) pair with min <= max, got {value}")
 
 
-def _arg_type(tp):
-    tp = typing.get_type_hints(TrainConfig)[tp] if isinstance(tp, str) else tp
+def leaf_fields(cls: type | None = None) -> list[dataclasses.Field]:
+    """Every setting's field of ``cls`` (default TrainConfig), in CLI order (the augmentation's where it nests)."""
+    out = []
+    for f in dataclasses.fields(cls or TrainConfig):
+        out.extend(dataclasses.fields(AugConfig) if f.name == "augment" else [f])
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_bounds(f: dataclasses.Field, v) -> None:
+    lo, hi, lo_open = f.metadata["lo"], f.metadata["hi"], f.metadata["lo_open"]
+    if v is None or (lo is None and hi is None):
+        return
+    below = lo is not None and (v <= lo if lo_open else v < lo)
+    above = hi is not None and v > hi
+    if below or above:
+        if hi is None:
+            rule = f"{'>' if lo_open else '>='} {lo:g}"
+        elif lo is None:
+            rule = f"<= {hi:g}"
+        else:
+            rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise FastclrError(f"{_flag(f.name)} must be {rule}, got {v}")
+
+
+# --------------------------------------------------------------------------- the CLI, from the fields
+
+def _arg_type(f: dataclasses.Field):
+    owner = AugConfig if f.name in AugConfig.__dataclass_fields__ else TrainConfig
+    tp = typing.get_type_hints(owner)[f.name]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names=None, defaults: dict | None = None) -> None:
+    """One flag per setting (``names``: those only), with the field's help and choices; ``defaults`` replaces the
+    fields' defaults (``fastclr.eval``: None, so that the checkpoint's values apply)."""
+    for f in leaf_fields():
+        if names is not None and f.name not in names:
+            continue
+        default = defaults[f.name] if defaults is not None and f.name in defaults else default_of(f)
+        tp, help = _arg_type(f), f.metadata["help"]
+        if tp is bool:
+            parser.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction, help=help)
+        elif tp is tuple:
+            parser.add_argument(_flag(f.name), type=float, nargs=2, default=default, metavar=("MIN", "MAX"),
+                                help=help)
+        else:
+            # choices are checked by TrainConfig.validate, so the error reads the same from Python and CLI
+            choices = f.metadata["choices"]
+            parser.add_argument(_flag(f.name), type=tp, default=default,
+                                help=help + (f" {{{', '.join(choices)}}}" if choices else ""))
 
 
 def build_parser(prog: str = "python -m fastclr.train", description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _arg_type(f.name)
-        if tp is bool:
-            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            # choices are checked by TrainConfig.validate, so the error reads the same from Python and CLI
-            p.add_argument(flag, type=tp, default=f.default, help=f.metadata["help"]
-                           + (f" {{{', '.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""))
+    add_setting_flags(p)
     return p
-
-
-def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    """Every field from ``ns`` as parsed (no recipe applied: see :func:`resolve_config`)."""
-    return TrainConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 _UNSET = object()
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> dict:
-    """The fields set on the command line ``argv`` (argparse leaves a pre-set attribute alone when its flag is
-    absent, so a sentinel marks the ones not given)."""
+    """The settings given on the command line ``argv``, flat (argparse leaves a pre-set attribute alone when its
+    flag is absent, so a sentinel marks the ones not given); pairs come back as tuples."""
     probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
     ns = parser.parse_args(argv, namespace=probe)
-    return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items() if v is not _UNSET}
 
 
 def resolve_config(given: dict, default_recipe: str | None = None) -> TrainConfig:
-    """TrainConfig from the fields ``given`` on the command line over their recipe: ``given["recipe"]``, else
-    ``default_recipe``, else the dataset's own (``fastclr.recipes.default_recipe``)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    """TrainConfig from the settings ``given`` on the command line over their recipe: ``given["recipe"]``, else
+    ``default_recipe``, else the dataset's own (``fastclr.recipes.default_recipe``). Keys that are not settings
+    (a CLI's own flags) are left out."""
+    names = {f.name for f in leaf_fields()}
     given = {k: v for k, v in given.items() if k in names}
-    name = given.get("recipe") or default_recipe or recipes.default_recipe(given.get("dataset", "mnist"))
-    try:
-        settings = recipes.recipe_settings(name)
-    except ValueError as exc:
-        raise FastclrError(f"--recipe: {exc}") from None
-    return TrainConfig(**{**settings, **given})
+    return TrainConfig.from_recipe(given.pop("recipe", None) or default_recipe, **given)

@@ -4,11 +4,13 @@
   when the files are missing and the internet is there) and returns ``(N, 1, 28, 28)`` uint8 images and
   ``(N,)`` int64 labels. Files are checked (IDX header and size) before use, so a truncated copy fails
   with one clear message instead of a reshape error deep inside torchvision.
+* :data:`DATASETS`: the dataset registry (folders, classes, normalisation constants).
 * :class:`DevicePairs` (the default): the whole uint8 dataset moved to the device once, an epoch as a
-  random permutation, batches sliced and augmented on the device. No DataLoader, no worker processes,
-  no PIL: on MNIST the per-batch cost is one gather and two batched warps.
+  random permutation, batches sliced there and augmented there by ``fastclr.augment.SimCLRAugment``
+  (parameters drawn on the device), a block of batches per call. No DataLoader, no worker processes, no PIL.
 * :class:`TorchvisionPairs` (``--loader torchvision``): the classic path, a DataLoader over per-sample
-  torchvision.transforms.v2 with worker processes, kept for comparison.
+  torchvision.transforms.v2 (:func:`torchvision_transform`, from the same AugConfig) with worker processes,
+  kept for comparison.
 """
 from __future__ import annotations
 
@@ -23,23 +25,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backend import FastclrError
+from .config import AugConfig
+from .errors import FastclrError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What fastclr knows of a dataset: where torchvision keeps it, its classes, and its pixel statistics (baked
+    into the encoder, so that a loaded encoder takes raw [0, 1] images)."""
+
     folder: str          # torchvision's folder under the data root
     tv_class: str        # torchvision.datasets class name
     classes: tuple[str, ...]
+    mean: float          # of the training images' pixels in [0, 1]
+    std: float
 
 
+# the one dataset registry
 DATASETS = {
-    "mnist": DatasetInfo("MNIST", "MNIST", tuple(str(d) for d in range(10))),
+    "mnist": DatasetInfo("MNIST", "MNIST", tuple(str(d) for d in range(10)), 0.1307, 0.3081),
     "fashion-mnist": DatasetInfo("FashionMNIST", "FashionMNIST", (
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530),
 }
 
 # (file stem, IDX magic, expected shape)
@@ -215,14 +224,14 @@ class DevicePairs(PairSource):
 
     Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the
     fused SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's
-    fixed cost (Kornia drawing parameters, building the warp's matrices: a few hundred small ops) is paid once
+    fixed cost (drawing the parameters, building the warp's matrices: a few hundred small ops) is paid once
     per block instead of once per step; parameters are still drawn per sample. Each block's randomness comes
     from its own seed (the epoch's seed from ``generator``, plus the block's first batch), so a run resumed
     mid-epoch makes exactly the views it would have made.
 
     Args:
-        images: (N, 1, H, W) uint8 on any device.
-        augment: a module mapping a float (B, 1, H, W) batch to an augmented one (e.g. SimCLRAugment).
+        images: (N, C, H, W) uint8 on any device.
+        augment: a module mapping a float (B, C, H, W) batch to an augmented one (e.g. SimCLRAugment).
         rank, world_size: this process's shard of every epoch's permutation (DDP); drop-last.
         block_views: views per augmentation call (both views of block_views / 2 images); None: as above.
     """
@@ -268,30 +277,53 @@ class _TwoViewDataset(torch.utils.data.Dataset):
         return self.transform(x), self.transform(x)
 
 
-def torchvision_transform(crop_scale=(0.6, 1.0), degrees=15.0, translate=0.1, shear=10.0, scale=(0.9, 1.1),
-                         thickness_p=0.5, elastic_p=0.8, hflip_p=0.0, brightness=0.0, contrast=0.0, jitter_p=0.8,
-                         blur_p=0.0, identity: bool = False):
-    """Per-sample CPU transforms (torchvision.transforms.v2) approximating SimCLRAugment's: the same flip, crop,
-    affine, thickness and intensity jitter; torchvision's elastic warp is parametrised in pixels, Kornia's in grid
-    units, and its blur draws one sigma per image as Kornia's does."""
+# AugConfig fields torchvision's transforms cannot express, each with why (refused rather than dropped)
+TORCHVISION_UNSUPPORTED = {
+    "elastic_kernel": "torchvision's ElasticTransform sizes its Gaussian kernel from sigma (8 sigma + 1 taps)",
+}
+
+
+def torchvision_transform(cfg: AugConfig, size: tuple[int, int], identity: bool = False):
+    """Per-sample CPU transforms (torchvision.transforms.v2) drawing ``cfg``'s views of a (C, H, W) uint8 image,
+    in SimCLRAugment's order: thickness, flip, crop (to ``size``), affine, elastic, jitter, blur, erasing.
+
+    Every field is honoured except those in :data:`TORCHVISION_UNSUPPORTED`, which raise FastclrError when set
+    away from their default. Where torchvision's parametrisation differs, the field is converted: the elastic
+    warp's alpha is in pixels per image width there (alpha_tv = elastic_alpha * W gives Kornia's displacement
+    scale), and its kernel spans 8 sigma + 1 pixels where Kornia's (the default path's) spans
+    ``elastic_kernel``."""
     from torchvision.transforms import v2
 
-    from .augment import RandomIntensity, RandomThickness
+    from .augment import ERASE_RATIO, RandomIntensity, RandomThickness
 
     if identity:
         return v2.ToDtype(torch.float32, scale=True)
-    thickness = RandomThickness(thickness_p)
-    steps = [v2.ToDtype(torch.float32, scale=True), v2.Lambda(lambda x: thickness(x[None])[0])]
-    if hflip_p > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip_p))
-    steps += [v2.RandomResizedCrop(28, scale=crop_scale, antialias=True),
-              v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, shear=shear),
-              v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=4.0)], p=elastic_p)]
-    if brightness > 0 or contrast > 0:
-        intensity = RandomIntensity(brightness, contrast, jitter_p)
+    default = AugConfig()
+    for name, why in TORCHVISION_UNSUPPORTED.items():
+        if getattr(cfg, name) != getattr(default, name):
+            raise FastclrError(f"--loader torchvision cannot honour --{name.replace('_', '-')} "
+                               f"{getattr(cfg, name)}: {why}; use --loader device")
+    steps = [v2.ToDtype(torch.float32, scale=True)]
+    if cfg.thickness_p > 0:
+        thickness = RandomThickness(cfg.thickness_p)
+        steps.append(v2.Lambda(lambda x: thickness(x[None])[0]))
+    if cfg.hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip_p))
+    if cfg.crop_scale is not None:
+        steps.append(v2.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=tuple(cfg.crop_ratio), antialias=True))
+    if cfg.has_affine:
+        steps.append(v2.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate),
+                                     scale=tuple(cfg.zoom), shear=cfg.shear))
+    if cfg.elastic_p > 0:
+        elastic = v2.ElasticTransform(alpha=cfg.elastic_alpha * size[1], sigma=cfg.elastic_sigma)
+        steps.append(v2.RandomApply([elastic], p=cfg.elastic_p))
+    if cfg.has_jitter:
+        intensity = RandomIntensity(cfg.brightness, cfg.contrast, cfg.jitter_p)
         steps.append(v2.Lambda(lambda x: intensity(x[None])[0]))
-    if blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=blur_p))
+    if cfg.blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(3, sigma=tuple(cfg.blur_sigma))], p=cfg.blur_p))
+    if cfg.erase_p > 0:
+        steps.append(v2.RandomErasing(p=cfg.erase_p, scale=tuple(cfg.erase_scale), ratio=ERASE_RATIO, value=0))
     return v2.Compose(steps)
 
 
@@ -318,10 +350,10 @@ class TorchvisionPairs(PairSource):
     resumed run sees the same images in the same order with other random views.
     """
 
-    def __init__(self, images: Tensor, batch_size: int, device: torch.device, workers: int = 2, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, transform=None):
+    def __init__(self, images: Tensor, batch_size: int, device: torch.device, transform, workers: int = 2,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__(len(images), batch_size, torch.Generator().manual_seed(seed), rank, world_size)
-        dataset = _TwoViewDataset(images.cpu(), transform or torchvision_transform())
+        dataset = _TwoViewDataset(images.cpu(), transform)
         self.device = device
         self.sampler = _Batches()
         # The loader's own generator seeds the workers only (the order is ours): a separate one, so that

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import (FastclrError, Runtime, make_runtime, resolve_knn_backend, resolve_probe_backend,
+from .errors import FastclrError
+from .backend import (Runtime, make_runtime, resolve_knn_backend, resolve_probe_backend,
                       resolve_tsne_backend)
 
 METRICS = ("cosine", "euclidean")
@@ -132,9 +133,8 @@ def _check_knn_args(train_x, train_y, test_x, k, metric, weighting):
 
 
 def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 20, metric: str = "cosine",
-                weighting: str = "exp", temperature: float = 0.07, backend: str = "auto",
-                num_classes: int | None = None) -> Tensor:
-    """Predict test labels by a weighted vote of the k nearest training samples.
+                weighting: str = "exp", temperature: float = 0.07, backend: str = "auto") -> Tensor:
+    """Predict test labels by a weighted vote of the k nearest training samples (classes 0 .. max label).
 
     Shape:
         train_x: (N, D), train_y: (N,), test_x: (Q, D). Output: (Q,) int64 on train_y's device.
@@ -142,8 +142,7 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 20, m
     _check_knn_args(train_x, train_y, test_x, k, metric, weighting)
     name = resolve_knn_backend(backend, train_x.device)
     dist, idx = NEIGHBOUR_SEARCH[name](train_x, test_x, k, metric)
-    num_classes = num_classes or int(train_y.max()) + 1
-    return vote(train_y, dist, idx, num_classes, weighting, temperature)
+    return vote(train_y, dist, idx, int(train_y.max()) + 1, weighting, temperature)
 
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, **kwargs) -> float:
@@ -253,13 +252,14 @@ def plot_tsne(xy: np.ndarray, labels: np.ndarray, class_names, path: Path, title
 
 # --------------------------------------------------------------------------- the whole evaluation
 
-def evaluate(encoder, data: dict, runtime: Runtime, out_dir: Path | None, k: int = 20,
-             knn_temperature: float = 0.07, tsne_points: int = 2000, pixel_knn: bool = True,
-             linear_probe: bool = True, seed: int = 0, log=print) -> dict:
-    """Embed train and test, then k-NN, raw-pixel k-NN, linear probe and t-SNE (each timed).
+def evaluate(encoder, data: dict, runtime: Runtime, cfg, out_dir: Path | None = None, log=print) -> dict:
+    """Embed train and test, then k-NN, raw-pixel k-NN, linear probe and t-SNE (each timed), as the run's
+    TrainConfig ``cfg`` says (``knn_k``, ``knn_temperature``, ``pixel_knn``, ``linear_probe``, ``tsne_points``,
+    ``seed``); the t-SNE plot only with an ``out_dir``.
 
-    ``data`` holds uint8 ``train_x``, ``test_x`` (N, 1, 28, 28), ``train_y``, ``test_y`` and ``classes``.
+    ``data`` holds uint8 ``train_x``, ``test_x`` (N, C, H, W), ``train_y``, ``test_y`` and ``classes``.
     """
+    k, knn_temperature, seed = cfg.knn_k, cfg.knn_temperature, cfg.seed
     dev = runtime.device
     metrics: dict = {}
     t0 = time.perf_counter()
@@ -272,7 +272,7 @@ def evaluate(encoder, data: dict, runtime: Runtime, out_dir: Path | None, k: int
     metrics["knn_seconds"] = time.perf_counter() - t0
     log(f"k-NN accuracy (k={k}, cosine, exp(sim/{knn_temperature}) votes, {runtime.knn_backend}): "
         f"{metrics['knn_accuracy']:.4f}  [{metrics['knn_seconds']:.1f}s]")
-    if pixel_knn:
+    if cfg.pixel_knn:
         t0 = time.perf_counter()
         flat = lambda x: x.to(dev).flatten(1).float().div_(255)
         metrics["pixel_knn_accuracy"] = knn_accuracy(flat(data["train_x"]), train_y, flat(data["test_x"]),
@@ -280,17 +280,17 @@ def evaluate(encoder, data: dict, runtime: Runtime, out_dir: Path | None, k: int
         metrics["pixel_knn_seconds"] = time.perf_counter() - t0
         log(f"raw-pixel k-NN accuracy (same protocol): {metrics['pixel_knn_accuracy']:.4f}  "
             f"[{metrics['pixel_knn_seconds']:.1f}s]")
-    if linear_probe:
+    if cfg.linear_probe:
         t0 = time.perf_counter()
         metrics["linear_probe_accuracy"] = linear_probe_accuracy(train_h, train_y, test_h, test_y,
                                                                  backend=runtime.probe_backend)
         metrics["linear_probe_seconds"] = time.perf_counter() - t0
         log(f"linear probe accuracy ({runtime.probe_backend}): {metrics['linear_probe_accuracy']:.4f}  "
             f"[{metrics['linear_probe_seconds']:.1f}s]")
-    if tsne_points and out_dir is not None:
+    if cfg.tsne_points and out_dir is not None:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed)
-        sub = torch.randperm(len(test_h), generator=g)[:tsne_points].to(dev)
+        sub = torch.randperm(len(test_h), generator=g)[:cfg.tsne_points].to(dev)
         xy = tsne(test_h[sub], backend=runtime.tsne_backend, seed=seed)
         plot_tsne(xy, test_y[sub].cpu().numpy(), data["classes"], out_dir / "tsne.png",
                   f"t-SNE of {len(sub)} test embeddings (k-NN acc {metrics['knn_accuracy']:.4f})")
@@ -302,43 +302,51 @@ def evaluate(encoder, data: dict, runtime: Runtime, out_dir: Path | None, k: int
 
 # --------------------------------------------------------------------------- CLI
 
+# the run settings fastclr.eval takes; each defaults to the checkpoint's value (--device: auto, as a checkpoint
+# moves between machines)
+EVAL_SETTINGS = ("data_dir", "device", "amp", "knn_k", "knn_temperature", "knn_backend", "tsne_backend",
+                 "probe_backend", "tsne_points", "pixel_knn", "linear_probe")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_setting_flags
+
     p = argparse.ArgumentParser(prog="python -m fastclr.eval",
-                                description="Re-evaluate a saved fastclr checkpoint (k-NN, linear probe, t-SNE).")
+                                description="Re-evaluate a saved fastclr checkpoint (k-NN, linear probe, t-SNE). "
+                                            "Every setting defaults to the saved run's.")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by fastclr.train")
-    p.add_argument("--data-dir", default=None, help="dataset root (default: the run's, else $FASTCLR_DATA, else ./data)")
     p.add_argument("--out", default=None, help="folder for metrics.json and tsne.png (default: the checkpoint's folder, "
                                                "metrics written as eval_metrics.json)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--knn-backend", default=None, help="auto, cuml, torch or sklearn (env FASTCLR_KNN_BACKEND)")
-    p.add_argument("--tsne-backend", default=None, help="auto, cuml or sklearn (env FASTCLR_TSNE_BACKEND)")
-    p.add_argument("--probe-backend", default=None, help="auto, torch or sklearn (env FASTCLR_PROBE_BACKEND)")
-    p.add_argument("--tsne-points", type=int, default=None, help="test points in the t-SNE plot (0: no plot)")
-    p.add_argument("--no-pixel-knn", action="store_true", help="skip the raw-pixel k-NN baseline")
+    add_setting_flags(p, EVAL_SETTINGS, defaults={k: None for k in EVAL_SETTINGS if k != "device"})
     return p
 
 
+def eval_config(args: argparse.Namespace, saved: dict):
+    """The saved run's TrainConfig with the settings given on the command line over it."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    cfg = TrainConfig.from_dict(saved, ignore_unknown=True)
+    return dataclasses.replace(cfg, **{k: getattr(args, k) for k in EVAL_SETTINGS if getattr(args, k) is not None})
+
+
 def run_eval(args: argparse.Namespace) -> dict:
+    from .checkpoint import read_checkpoint, saved_config
     from .data import dataset_info, load_dataset
-    from .checkpoint import read_checkpoint
     from .model import load_encoder
 
-    ckpt = read_checkpoint(args.checkpoint)
-    cfg = ckpt["config"]
-    runtime = make_runtime(args.device, amp=cfg.get("amp", False), knn_backend=args.knn_backend,
-                             tsne_backend=args.tsne_backend, probe_backend=args.probe_backend)
-    data_dir = args.data_dir or cfg.get("data_dir")
-    train_x, train_y = load_dataset(cfg["dataset"], data_dir, train=True)
-    test_x, test_y = load_dataset(cfg["dataset"], data_dir, train=False)
+    cfg = eval_config(args, saved_config(read_checkpoint(args.checkpoint)))
+    runtime = make_runtime(cfg.device, amp=cfg.amp, knn_backend=cfg.knn_backend, tsne_backend=cfg.tsne_backend,
+                           probe_backend=cfg.probe_backend)
+    train_x, train_y = load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir, train=False)
     data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                classes=dataset_info(cfg["dataset"]).classes)
+                classes=dataset_info(cfg.dataset).classes)
     encoder = load_encoder(args.checkpoint).to(runtime.device)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(encoder, data, runtime, out_dir, k=cfg.get("knn_k", 20),
-                       knn_temperature=cfg.get("knn_temperature", 0.07),
-                       tsne_points=cfg.get("tsne_points", 2000) if args.tsne_points is None else args.tsne_points,
-                       pixel_knn=not args.no_pixel_knn, seed=cfg.get("seed", 0))
+    metrics = evaluate(encoder, data, runtime, cfg, out_dir)
     metrics.update(checkpoint=str(args.checkpoint), runtime=runtime.describe(), torch_version=torch.__version__)
     name = "metrics.json" if args.out else "eval_metrics.json"
     (out_dir / name).write_text(json.dumps(metrics, indent=2))

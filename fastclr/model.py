@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .backend import FastclrError
-from .checkpoint import read_checkpoint
+from .errors import FastclrError
+from .checkpoint import encoder_state, read_checkpoint
 
 
 # ReLU then 2x2 max-pool equals max-pool then ReLU, values and gradients (max is monotone, so both pick the
@@ -143,7 +143,7 @@ def load_encoder(path: str | Path, map_location="cpu") -> Encoder:
 
     The result maps float images in [0, 1] of shape (B, 1, 28, 28) to embeddings (B, D).
     """
-    ckpt = read_checkpoint(path, map_location)
-    encoder = Encoder(**ckpt["encoder_hparams"])
-    encoder.load_state_dict(ckpt["encoder"])
+    hparams, weights = encoder_state(read_checkpoint(path, map_location))
+    encoder = Encoder(**hparams)
+    encoder.load_state_dict(weights)
     return encoder.eval()

@@ -3,7 +3,8 @@
 Kornia's samplers draw on the CPU unless their module has been moved to the device, and some of them keep
 CPU tensors even then (kornia #4426, #4407), so each call does host work and host-to-device copies and cannot
 be captured in a CUDA graph. These functions draw the same distributions as Kornia's ``ResizedCropGenerator``,
-``AffineGenerator`` and the modules' per-sample ``p`` coin, with ``torch.rand`` on ``device`` and without a
+``AffineGenerator``, ``RectangleEraseGenerator`` and the modules' per-sample ``p`` coin (the blur's sigma is one
+:func:`uniform` draw), with ``torch.rand`` on ``device`` and without a
 host synchronisation (no ``.item()``, no data-dependent shapes), and return dictionaries in Kornia's own
 parameter format, so ``FusedWarp.plan`` and Kornia's modules read them alike. ``tests/test_sampling.py``
 compares every parameter with Kornia's sampler (two-sample Kolmogorov-Smirnov tests, 20,000 draws).
@@ -97,3 +98,23 @@ def affine(b: int, size: tuple[int, int], degrees, translate, scale, shear, devi
     center = torch.stack([torch.full((b,), w / 2 - 0.5, device=device), torch.full((b,), h / 2 - 0.5, device=device)], -1)
     return {"translations": translations, "center": center, "scale": s, "angle": angle,
             "shear_x": shear_x, "shear_y": shear_y, "batch_prob": torch.ones(b, device=device)}
+
+
+def erase_boxes(b: int, size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+                device) -> dict:
+    """Kornia's RandomErasing rectangles (``RectangleEraseGenerator``): ``{"xs", "ys", "widths", "heights",
+    "values"}``, each (B,) float32 pixels (value 0). Area ``U(scale) * H * W``; aspect ratio U(ratio), or, for a
+    range around 1, U(ratio[0], 1) or U(1, ratio[1]) with equal odds; height ``round(sqrt(area * ratio))`` and
+    width ``round(sqrt(area / ratio))`` clamped to the image; the corner uniform over the positions that fit."""
+    h, w = size
+    area = uniform(b, scale[0], scale[1], device) * (h * w)
+    if ratio[0] < 1.0 < ratio[1]:
+        low, high = uniform(b, ratio[0], 1.0, device), uniform(b, 1.0, ratio[1], device)
+        aspect = torch.where(torch.rand(b, device=device).round().bool(), low, high)
+    else:
+        aspect = uniform(b, ratio[0], ratio[1], device)
+    heights = torch.sqrt(area * aspect).round().clamp(1.0, h)
+    widths = torch.sqrt(area / aspect).round().clamp(1.0, w)
+    xs = (torch.rand(b, device=device) * (w - widths + 1)).floor()
+    ys = (torch.rand(b, device=device) * (h - heights + 1)).floor()
+    return {"xs": xs, "ys": ys, "widths": widths, "heights": heights, "values": torch.zeros(b, device=device)}

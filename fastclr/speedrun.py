@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .backend import FastclrError, resolve_device
+from .backend import resolve_device
+from .errors import FastclrError
 from .config import build_parser, given_flags, resolve_config
 
 RECIPE = "mnist-speedrun"            # fastclr.recipes; --recipe picks another

@@ -1,4 +1,8 @@
-"""SimCLR training: ``python -m fastclr.train [--amp] ...`` trains, checkpoints, evaluates and writes a run folder.
+"""SimCLR training: ``python -m fastclr.train ...`` trains, checkpoints, evaluates and writes a run folder.
+
+:func:`train` builds a run from a TrainConfig (runtime, data, view pairs, :func:`build_training`), hands it to a
+:class:`Trainer`, whose ``fit()`` is the loop, and :func:`finish_run` evaluates and writes ``metrics.json``.
+:func:`train_step` is the one training step, eager or captured as a CUDA graph.
 
 Run folder (``--out``, default ``runs/<timestamp>``): ``checkpoint.pt``, ``metrics.json``, ``loss.png``,
 ``tsne.png``. Under ``torchrun`` every rank trains its shard of each epoch and only rank 0 writes.
@@ -24,18 +28,16 @@ from tqdm import tqdm
 
 from . import backend
 from .augment import SimCLRAugment
-from .backend import FastclrError
 from .capture import CapturedStep
-from .checkpoint import (CHECKPOINT_FORMAT, TrainState, read_checkpoint, rng_state, set_rng_state,
+from .checkpoint import (TrainState, loop_state, make_payload, read_resume_checkpoint, restore_training,
                          write_checkpoint)
 from .config import TrainConfig, build_parser, given_flags, resolve_config
 from .data import DevicePairs, PairSource, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
+from .errors import FastclrError
 from .eval import evaluate
 from .loss import NTXentLoss
 from .model import build_model
-
-# Dataset pixel statistics, baked into the encoder so a loaded encoder takes raw [0, 1] images.
-NORM = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+from .schedule import make_scheduler
 
 
 # --------------------------------------------------------------------------- distributed context
@@ -90,18 +92,10 @@ def git_commit() -> str | None:
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # --------------------------------------------------------------------------- the step
 
 def views_loss(model, loss_fn, v1, v2, runtime: backend.Runtime, channels_last: bool = False) -> torch.Tensor:
-    """NT-Xent of a (B, 1, 28, 28) view pair through ``model``, under the runtime's autocast; a () tensor.
+    """NT-Xent of a (B, C, H, W) view pair through ``model``, under the runtime's autocast; a () tensor.
 
     Both views go through the network as one 2B batch: one kernel launch per layer instead of two."""
     x = torch.cat([v1, v2])
@@ -112,73 +106,77 @@ def views_loss(model, loss_fn, v1, v2, runtime: backend.Runtime, channels_last: 
     return loss_fn(*z.float().chunk(2))
 
 
-def train_step(model, loss_fn, optimizer, scaler, scheduler, v1, v2, runtime: backend.Runtime,
-               channels_last: bool = False) -> torch.Tensor:
-    """One SimCLR step on a (B, 1, 28, 28) view pair; returns the loss as a device tensor (no host sync)."""
-    loss = views_loss(model, loss_fn, v1, v2, runtime, channels_last)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return loss.detach()
-
-
 @dataclasses.dataclass
 class Training:
-    """What a training step needs, assembled from the config in one place (``train`` and the benchmarks)."""
+    """What a training step needs, assembled from the config in one place (:func:`build_training`)."""
 
     model: torch.nn.Module        # SimCLRModel: the weights that are saved and evaluated
     net: torch.nn.Module          # what the step calls: ``model``, compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: object             # LambdaLR, or fastclr.schedule.DeviceSchedule for a captured step
     scaler: torch.amp.GradScaler
     loss_fn: NTXentLoss
     runtime: backend.Runtime
     channels_last: bool
-    captured: CapturedStep | None = None     # --cuda-graph: the step as a replayed CUDA graph
+    captured: CapturedStep | None = None     # --cuda-graph: train_step as a replayed CUDA graph
 
     def step(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        """One step on a (B, 1, 28, 28) view pair; the loss as a device tensor."""
-        if self.captured is not None:
-            return self.captured(v1, v2)
-        return train_step(self.net, self.loss_fn, self.optimizer, self.scaler, self.scheduler, v1, v2,
-                          self.runtime, self.channels_last)
+        """One step on a (B, C, H, W) view pair; the loss as a device tensor (no host sync)."""
+        return self.captured(v1, v2) if self.captured is not None else train_step(self, v1, v2)
 
     def views_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        """The loss of a view pair through ``net``, without a step (the captured step's forward)."""
+        """The loss of a view pair through ``net``, without a step."""
         return views_loss(self.net, self.loss_fn, v1, v2, self.runtime, self.channels_last)
 
 
+def train_step(tr: Training, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """THE training step, eager or inside the captured graph: forward, loss, backward, optimiser, schedule.
+
+    The gradients are cleared after the update: to None in an eager run (the next backward allocates them
+    afresh, as zero_grad before it would), to zeros in a captured one (the graph's backward writes into the
+    same buffers on every replay). The GradScaler is a no-op unless fp16 needs it (never when captured)."""
+    loss = tr.views_loss(v1, v2)
+    tr.scaler.scale(loss).backward()
+    tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    tr.optimizer.zero_grad(set_to_none=tr.captured is None)
+    tr.scheduler.step()
+    return loss.detach()
+
+
 def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int, world_size: int = 1,
-                   state: dict | None = None) -> Training:
-    """Model, optimiser (AdamW, fused where available), schedule, scaler and loss as ``cfg`` says; ``state``
-    (a checkpoint) is loaded before compiling and DDP-wrapping."""
-    mean, std = NORM[cfg.dataset]
-    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, mean, std, cfg.proj_bn)
+                   ckpt: dict | None = None) -> Training:
+    """Model, optimiser (AdamW, fused where available), schedule, scaler, loss and, for ``--cuda-graph``, the
+    captured step, as ``cfg`` says; a checkpoint ``ckpt`` is loaded before compiling and DDP-wrapping."""
+    info = dataset_info(cfg.dataset)
+    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, info.mean, info.std,
+                        cfg.proj_bn)
     if world_size > 1 and runtime.device.type == "cuda":
         # BN statistics over the global batch. PyTorch's SyncBatchNorm runs on GPUs only: CPU (gloo) ranks
-        # keep per-rank BN statistics (see README, "Multi-GPU").
+        # keep per-rank BN statistics (docs/reliability.md).
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
     model.encoder.cpu_kernels = runtime.cpu_kernels
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graph)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps, on_device=cfg.cuda_graph)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    if state is not None:
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])   # --cuda-graph: CapturedStep sets the lr tensor again
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-    net = torch.compile(model) if runtime.compile else model
+    net = model
+    tr = Training(model, net, optimizer, scheduler, scaler,
+                  NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=world_size > 1, check_finite=False),
+                  runtime, cfg.channels_last)
+    if ckpt is not None:
+        restore_training(tr, ckpt)
+    tr.net = torch.compile(model) if runtime.compile else model
     if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    loss_fn = NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=world_size > 1, check_finite=False)
-    return Training(model, net, optimizer, scheduler, scaler, loss_fn, runtime, cfg.channels_last)
+        tr.net = torch.nn.parallel.DistributedDataParallel(
+            tr.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if cfg.cuda_graph:
+        if runtime.needs_grad_scaler:
+            raise FastclrError("--cuda-graph needs bf16 or fp32: fp16's GradScaler keeps its state on the host")
+        tr.captured = CapturedStep(functools.partial(train_step, tr), runtime.device)
+    return tr
 
 
 def check_cuda_graph(cfg: TrainConfig, runtime: backend.Runtime, world_size: int) -> None:
@@ -241,23 +239,17 @@ def plot_loss(losses: list[float], path: Path, steps_per_epoch: int) -> None:
 # --------------------------------------------------------------------------- the run
 
 def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: backend.Runtime, d: Dist) -> PairSource:
-    """The configured view-pair source: device-resident + Kornia (default) or DataLoader + torchvision v2."""
-    crop = None if cfg.crop_min >= 1 else (cfg.crop_min, 1.0)
+    """The configured view-pair source, both drawing ``cfg.augment``'s views: the device-resident loader with
+    SimCLRAugment (fused or Kornia's chain), or a DataLoader with torchvision's transforms."""
+    size = tuple(images.shape[-2:])
     if cfg.loader == "device":
-        augment = SimCLRAugment(crop_scale=crop, degrees=cfg.degrees, translate=cfg.translate, shear=cfg.shear,
-                                erase_p=cfg.erase_p, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
-                                hflip_p=cfg.hflip_p, brightness=cfg.brightness, contrast=cfg.contrast,
-                                jitter_p=cfg.jitter_p, blur_p=cfg.blur_p, impl=cfg.aug_impl,
-                                cpu_kernels=runtime.cpu_kernels) \
-            if cfg.aug else torch.nn.Identity()
+        augment = SimCLRAugment(cfg.augment, size, cfg.aug_impl, runtime.cpu_kernels) if cfg.aug \
+            else torch.nn.Identity()
         return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
                            rank=d.rank, world_size=d.world_size)
-    transform = torchvision_transform(crop_scale=crop or (1.0, 1.0), degrees=cfg.degrees, translate=cfg.translate,
-                                      shear=cfg.shear, thickness_p=cfg.thickness_p, elastic_p=cfg.elastic_p,
-                                      hflip_p=cfg.hflip_p, brightness=cfg.brightness, contrast=cfg.contrast,
-                                      jitter_p=cfg.jitter_p, blur_p=cfg.blur_p, identity=not cfg.aug)
-    return TorchvisionPairs(images, cfg.batch_size, runtime.device, cfg.workers, seed=cfg.seed,
-                            rank=d.rank, world_size=d.world_size, transform=transform)
+    transform = torchvision_transform(cfg.augment, size, identity=not cfg.aug)
+    return TorchvisionPairs(images, cfg.batch_size, runtime.device, transform, cfg.workers, seed=cfg.seed,
+                            rank=d.rank, world_size=d.world_size)
 
 
 def load_data(cfg: TrainConfig) -> dict:
@@ -267,103 +259,154 @@ def load_data(cfg: TrainConfig) -> dict:
                 classes=dataset_info(cfg.dataset).classes)
 
 
-def checkpoint_payload(cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState) -> dict:
-    """Everything a resume needs, as tensors and plain data (fastclr.checkpoint reads it weights-only)."""
-    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
-            "encoder_hparams": tr.model.encoder.hparams, "encoder": tr.model.encoder.state_dict(),
-            "head": tr.model.head.state_dict(), "optimizer": tr.optimizer.state_dict(),
-            "scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state(),
-            "loader": pairs.state_dict(), "state": state.to_dict()}
+class Clock:
+    """Training time (``state.train_seconds``) only: stopped around k-NN checks and checkpoints, and read with
+    the device synchronised so that queued steps count where they ran."""
+
+    def __init__(self, state: TrainState, device: torch.device):
+        self.state, self.device, self.t0 = state, device, 0.0
+
+    def start(self) -> None:
+        backend.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        backend.synchronize(self.device)
+        self.state.train_seconds += time.perf_counter() - self.t0
+
+    def elapsed(self) -> float:
+        return self.state.train_seconds + time.perf_counter() - self.t0
 
 
-def knn_check(tr: Training, data: dict, cfg: TrainConfig, state: TrainState, t_start: float, show: bool) -> bool:
-    """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
-    t = time.perf_counter()
-    acc = evaluate(tr.model.encoder, data, tr.runtime, None, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-                   tsne_points=0, pixel_knn=False, linear_probe=False, log=lambda *a: None)["knn_accuracy"]
-    tr.model.train()
-    state.knn_history.append({"step": state.step, "knn_accuracy": acc, "seconds": time.perf_counter() - t_start,
-                              "check_seconds": time.perf_counter() - t})
-    if show:
-        tqdm.write(f"step {state.step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
-                   f"[{time.perf_counter() - t:.1f}s, {time.perf_counter() - t_start:.0f}s since start]")
-    return acc >= cfg.target_knn
+class Trainer:
+    """The training loop of one run (built by :func:`train`); :meth:`fit` reads top to bottom.
+
+    State lives in ``state`` (a TrainState: what a checkpoint saves); ``pending`` holds the step losses not yet
+    read back (the loop's only host sync is reading them, a block every ``--log-every`` steps)."""
+
+    def __init__(self, cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState, data: dict,
+                 out: Path, d: Dist, t_start: float):
+        self.cfg, self.tr, self.pairs, self.state, self.data, self.out, self.d = cfg, tr, pairs, state, data, out, d
+        self.t_start = t_start            # --target-knn's clock: data loading, training and k-NN checks all count
+        self.total_steps = total_steps(cfg, len(pairs))
+        self.clock, self.pending, self.stop = Clock(state, tr.runtime.device), [], StopRequested()
+
+    def fit(self) -> str:
+        """Train from ``state`` on; returns why it ended: "done" (all steps), "target" (--target-knn reached) or
+        "signal" (SIGTERM/SIGINT: the step finished and a checkpoint saved)."""
+        cfg, st = self.cfg, self.state
+        self.tr.model.train()
+        with self.stop as stop:
+            while st.epoch < cfg.epochs and st.step < self.total_steps:              # epoch
+                ended = "epoch"
+                with self.progress_bar() as bar:
+                    self.clock.start()
+                    for v1, v2 in self.pairs.iterate(st.batch):                      # batch
+                        self.pending.append(self.tr.step(v1, v2))                    # step
+                        st.step, st.batch = st.step + 1, st.batch + 1
+                        if len(self.pending) >= cfg.log_every or self.epoch_or_run_ends() or stop.signal:
+                            self.log_losses(bar)                                     # log
+                        if self.knn_due() and self.paused(self.knn_check):           # maybe k-NN
+                            ended = "target"
+                            break
+                        if stop.signal or st.step >= self.total_steps:
+                            ended = "signal" if stop.signal else "limit"
+                            break
+                        if self.checkpoint_due():                                    # maybe checkpoint
+                            self.paused(self.save)
+                    self.clock.stop()
+                if st.batch == len(self.pairs):
+                    st.epoch, st.batch = st.epoch + 1, 0
+                self.save()                                                          # at each epoch's end
+                if ended in ("signal", "target"):
+                    return ended
+        return "done"
+
+    def progress_bar(self) -> tqdm:
+        st, per_epoch = self.state, len(self.pairs)
+        return tqdm(total=min(per_epoch, self.total_steps - st.step + st.batch), initial=st.batch,
+                    disable=not self.d.is_main, desc=f"epoch {st.epoch + 1}/{self.cfg.epochs}", unit="step",
+                    dynamic_ncols=True, mininterval=0.5)
+
+    def epoch_or_run_ends(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.batch == len(self.pairs)
+
+    def knn_due(self) -> bool:
+        cfg, st = self.cfg, self.state
+        return bool(cfg.target_knn) and (st.batch == len(self.pairs)
+                                         or bool(cfg.eval_every and st.step % cfg.eval_every == 0))
+
+    def checkpoint_due(self) -> bool:
+        every, st = self.cfg.checkpoint_every, self.state
+        return bool(every) and st.step % every == 0 and st.batch < len(self.pairs)
+
+    def paused(self, fn):
+        """``fn()`` with the training clock stopped (a k-NN check or a checkpoint is not training time)."""
+        self.clock.stop()
+        result = fn()
+        self.clock.start()
+        return result
+
+    def log_losses(self, bar: tqdm) -> None:
+        """Read the pending losses at once; stop on a non-finite one; show the last and the images/s."""
+        vals = torch.stack(self.pending).cpu().tolist()
+        self.pending = []
+        if not all(math.isfinite(v) for v in vals):
+            cfg, st = self.cfg, self.state
+            raise FastclrError(
+                f"loss became non-finite at step {st.step} (epoch {st.epoch + 1}); the run stops and "
+                f"{self.out / 'checkpoint.pt'} keeps the last good checkpoint. Likely cause: temperature "
+                f"{cfg.temperature} too low or lr {cfg.lr} too high"
+                + (" or fp16 overflow (try bf16 or no --amp)" if self.tr.runtime.needs_grad_scaler else ""))
+        self.state.losses.extend(vals)
+        bar.update(len(vals))
+        bar.set_postfix(loss=f"{vals[-1]:.4f}", img_s=f"{self.images_per_second(self.clock.elapsed()):.0f}")
+
+    def images_per_second(self, seconds: float) -> float:
+        return 2 * self.cfg.batch_size * self.d.world_size * self.state.step / max(seconds, 1e-9)
+
+    def knn_check(self) -> bool:
+        """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
+        cfg, st, t = self.cfg, self.state, time.perf_counter()
+        knn_only = dataclasses.replace(cfg, pixel_knn=False, linear_probe=False, tsne_points=0)
+        acc = evaluate(self.tr.model.encoder, self.data, self.tr.runtime, knn_only, log=lambda *a: None)["knn_accuracy"]
+        self.tr.model.train()
+        now = time.perf_counter()
+        st.knn_history.append({"step": st.step, "knn_accuracy": acc, "seconds": now - self.t_start,
+                               "check_seconds": now - t})
+        if self.d.is_main:
+            tqdm.write(f"step {st.step}: k-NN accuracy {acc:.4f} (target {cfg.target_knn}) "
+                       f"[{now - t:.1f}s, {now - self.t_start:.0f}s since start]")
+        return acc >= cfg.target_knn
+
+    def save(self) -> None:
+        if self.d.is_main:
+            write_checkpoint(make_payload(self.cfg, self.tr, self.pairs.state_dict(), self.state),
+                             self.out / "checkpoint.pt")
 
 
-def record_losses(pending: list, state: TrainState, cfg: TrainConfig, runtime: backend.Runtime, out: Path) -> list[float]:
-    """The loop's only host sync: read a block of step losses at once; stop on a non-finite one."""
-    vals = torch.stack(pending).cpu().tolist()
-    if not all(math.isfinite(v) for v in vals):
-        raise FastclrError(
-            f"loss became non-finite at step {state.step} (epoch {state.epoch + 1}); the run stops and "
-            f"{out / 'checkpoint.pt'} keeps the last good checkpoint. Likely cause: temperature "
-            f"{cfg.temperature} too low or lr {cfg.lr} too high"
-            + (" or fp16 overflow (try bf16 or no --amp)" if runtime.needs_grad_scaler else ""))
-    state.losses.extend(vals)
-    return vals
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's optimiser steps: every epoch's, or --max-steps where that is fewer (the schedule's length)."""
+    return min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
 
 
-def run_epoch(cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState, total_steps: int,
-              stop: "StopRequested", knn, save, out: Path, show: bool, world_size: int) -> str:
-    """Train from (state.epoch, state.batch) on; returns why it ended: "epoch" (its last batch), "limit"
-    (--max-steps), "signal" (SIGTERM/SIGINT), or "target" (--target-knn reached). ``knn()`` runs a k-NN
-    check and ``save()`` a mid-epoch checkpoint; neither counts as training time."""
-    per_epoch = len(pairs)
-    bar = tqdm(total=min(per_epoch, total_steps - state.step + state.batch), initial=state.batch, disable=not show,
-               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True, mininterval=0.5)
-    pending, ended = [], "epoch"
-    backend.synchronize(tr.runtime.device)
-    t0 = time.perf_counter()
-
-    def pause() -> None:   # stop the training clock (before a k-NN check or a checkpoint)
-        backend.synchronize(tr.runtime.device)
-        state.train_seconds += time.perf_counter() - t0
-
-    try:
-        for v1, v2 in pairs.iterate(state.batch):
-            pending.append(tr.step(v1, v2))
-            state.step, state.batch = state.step + 1, state.batch + 1
-            last = state.step >= total_steps or state.batch == per_epoch
-            if len(pending) >= cfg.log_every or last or stop.signal:
-                vals = record_losses(pending, state, cfg, tr.runtime, out)
-                pending = []
-                elapsed = state.train_seconds + time.perf_counter() - t0
-                bar.update(len(vals))
-                bar.set_postfix(loss=f"{vals[-1]:.4f}",
-                                img_s=f"{2 * cfg.batch_size * world_size * state.step / max(elapsed, 1e-9):.0f}")
-            if cfg.target_knn and (state.batch == per_epoch or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-                pause()
-                reached = knn()
-                t0 = time.perf_counter()
-                if reached:
-                    ended = "target"
-                    break
-            if stop.signal or state.step >= total_steps:
-                ended = "signal" if stop.signal else "limit"
-                break
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < per_epoch:
-                pause()
-                save()
-                t0 = time.perf_counter()
-    finally:
-        bar.close()
-    pause()
-    if state.batch == per_epoch:
-        state.epoch, state.batch = state.epoch + 1, 0
-    return ended
-
-
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
-    t_start = time.perf_counter()  # --target-knn's clock: data loading, training and k-NN checks all count
-    cfg.validate()
+def setup_runtime(cfg: TrainConfig) -> tuple[backend.Runtime, Dist]:
+    """The Runtime (fastclr.backend decides) and this process's place in a torchrun group."""
     runtime = backend.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
-                             cfg.probe_backend, cfg.deterministic)
+                                   cfg.probe_backend, cfg.deterministic)
     d = init_distributed(runtime)
     if runtime.device.type == "cuda" and d.world_size > 1:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.cuda.set_device(runtime.device)
     check_cuda_graph(cfg, runtime, d.world_size)
+    return runtime, d
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train SimCLR as configured, then evaluate; returns the metrics written to ``metrics.json``."""
+    t_start = time.perf_counter()
+    cfg.validate()
+    runtime, d = setup_runtime(cfg)
     out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
     # read (and check) the checkpoint before anything slow: a refused file should fail at once
     ckpt = read_resume_checkpoint(out / "checkpoint.pt", cfg) if cfg.resume else None
@@ -375,92 +418,58 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if len(train_x) < cfg.batch_size * d.world_size:
         raise FastclrError(f"--batch-size {cfg.batch_size} x {d.world_size} rank(s) is larger than the "
                            f"{len(train_x)} training images")
-
     pairs = make_pairs(cfg, train_x, runtime, d)
-    total_steps = cfg.epochs * len(pairs)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    tr = build_training(cfg, runtime, total_steps, d.world_size, state=ckpt)
+    tr = build_training(cfg, runtime, total_steps(cfg, len(pairs)), d.world_size, ckpt)
     state = TrainState()
     if ckpt is not None:
-        state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        pairs.load_state_dict(ckpt["loader"])
+        state, loader_state = loop_state(ckpt)
+        pairs.load_state_dict(loader_state)
         log(f"resumed {out} at epoch {state.epoch + 1}, step {state.step}")
-    if cfg.cuda_graph:
-        tr.captured = CapturedStep(tr, cfg.lr, cfg.warmup_steps, total_steps, state.step,
-                                   (cfg.batch_size, 1, *train_x.shape[-2:]))
     if d.is_main:
         log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset} (recipe {cfg.recipe}): {len(train_x)} images, "
             f"{len(pairs)} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
             f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
-
-    def save() -> None:
-        if d.is_main:
-            write_checkpoint(checkpoint_payload(cfg, tr, pairs, state), out / "checkpoint.pt")
-
-    knn = functools.partial(knn_check, tr, data, cfg, state, t_start, d.is_main)
-    tr.model.train()
+    trainer = Trainer(cfg, tr, pairs, state, data, out, d, t_start)
     startup_seconds = time.perf_counter() - t_start     # data, model, optimiser: before the first step
-    ended = None
-    with StopRequested() as stop:
-        while state.epoch < cfg.epochs and state.step < total_steps:
-            ended = run_epoch(cfg, tr, pairs, state, total_steps, stop, knn, save, out, d.is_main, d.world_size)
-            save()
-            if ended in ("signal", "target"):
-                break
+    ended = trainer.fit()
     if ended == "signal":
+        sig = signal.Signals(trainer.stop.signal)
         if d.is_main:
-            log(f"{signal.Signals(stop.signal).name} received: stopped after step {state.step}; checkpoint saved "
-                f"to {out / 'checkpoint.pt'}. Continue with: python -m fastclr.train --out {out} --resume "
-                "(same settings)")
-        raise SystemExit(128 + stop.signal)
+            log(f"{sig.name} received: stopped after step {state.step}; checkpoint saved to {out / 'checkpoint.pt'}. "
+                f"Continue with: python -m fastclr.train --out {out} --resume (same settings)")
+        raise SystemExit(128 + sig)
     if not d.is_main:
         return {}
-    return finish_run(cfg, tr, data, state, out, d, len(pairs), reached=ended == "target", log=log,
-                      startup_seconds=startup_seconds)
+    return finish_run(trainer, reached=ended == "target", startup_seconds=startup_seconds, log=log)
 
 
-def finish_run(cfg: TrainConfig, tr: Training, data: dict, state: TrainState, out: Path, d: Dist,
-               steps_per_epoch: int, reached: bool, log=print, startup_seconds: float = 0.0) -> dict:
+def finish_run(trainer: Trainer, reached: bool, startup_seconds: float, log=print) -> dict:
     """Plot the loss, evaluate, write ``metrics.json``; returns the metrics."""
+    cfg, tr, state, out = trainer.cfg, trainer.tr, trainer.state, trainer.out
     runtime = tr.runtime
     metrics = {
         "epochs": cfg.epochs, "steps": state.step, "train_seconds": state.train_seconds,
-        "train_images_per_second": 2 * cfg.batch_size * d.world_size * state.step / max(state.train_seconds, 1e-9),
+        "train_images_per_second": trainer.images_per_second(state.train_seconds),
         "final_loss": float(np.mean(state.losses[-min(len(state.losses), cfg.log_every):])) if state.losses else None,
-        "world_size": d.world_size, "startup_seconds": startup_seconds,
+        "world_size": trainer.d.world_size, "startup_seconds": startup_seconds,
     }
     history = state.knn_history
     if cfg.target_knn:
         metrics.update(target_knn=cfg.target_knn, reached_target=reached, knn_history=history,
                        time_to_target_seconds=history[-1]["seconds"] if reached else None,
                        knn_check_seconds=sum(h.get("check_seconds", 0.0) for h in history))
-    plot_loss(state.losses, out / "loss.png", steps_per_epoch)
+    plot_loss(state.losses, out / "loss.png", len(trainer.pairs))
     knn_fresh = bool(history) and history[-1]["step"] == state.step
     if cfg.eval and knn_fresh and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
         metrics["knn_accuracy"] = history[-1]["knn_accuracy"]   # the last target check saw these weights
     elif cfg.eval:
-        metrics.update(evaluate(tr.model.encoder, data, runtime, out, k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-                                tsne_points=cfg.tsne_points, pixel_knn=cfg.pixel_knn,
-                                linear_probe=cfg.linear_probe, seed=cfg.seed, log=log))
-    metrics.update(config=dataclasses.asdict(cfg), device=str(runtime.device), runtime=runtime.describe(),
+        metrics.update(evaluate(tr.model.encoder, trainer.data, runtime, cfg, out, log=log))
+    metrics.update(config=cfg.to_dict(), device=str(runtime.device), runtime=runtime.describe(),
                    torch_version=torch.__version__, kornia_version=_version("kornia"), git_commit=git_commit(),
                    out=str(out))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"wrote {out}/: checkpoint.pt, metrics.json, loss.png" + (", tsne.png" if cfg.eval and cfg.tsne_points else ""))
     return metrics
-
-
-def read_resume_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint --resume continues from, checked against ``cfg``; on the CPU (RNG states stay there)."""
-    ckpt = read_checkpoint(path)
-    if "state" not in ckpt:
-        raise FastclrError(f"{path} was written by an older fastclr (checkpoint format {ckpt.get('format')}): its "
-                           "encoder loads (fastclr.eval, load_encoder) but --resume needs format "
-                           f"{CHECKPOINT_FORMAT}; start a new run")
-    _check_resumable(ckpt["config"], cfg)
-    return ckpt
 
 
 def _version(pkg: str) -> str | None:
@@ -469,21 +478,6 @@ def _version(pkg: str) -> str | None:
         return version(pkg)
     except Exception:
         return None
-
-
-# settings that change what a resumed run computes; anything else (logging, evaluation, output) may differ
-_RESUME_KEYS = ("dataset", "arch", "width", "embed_dim", "proj_hidden", "proj_dim", "proj_bn", "epochs", "max_steps",
-                "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "seed", "train_subset", "loader",
-                "aug", "aug_impl", "crop_min", "degrees", "translate", "shear", "erase_p", "thickness_p", "elastic_p",
-                "hflip_p", "brightness", "contrast", "jitter_p", "blur_p", "cuda_graph")
-
-
-def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    # a key a checkpoint lacks was written before that setting existed: it ran with the default
-    diff = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainConfig(), k)) != getattr(cfg, k)]
-    if diff:
-        pairs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff)
-        raise FastclrError(f"--resume needs the settings of the saved run: {pairs}")
 
 
 def main(argv=None) -> int:

@@ -1,21 +1,25 @@
-"""FusedWarp: Kornia's random resized crop, affine and elastic deformation as ONE resampling of the batch.
+"""FusedWarp: a random flip, resized crop, affine and elastic deformation as ONE resampling of the batch.
 
-Kornia's modules draw the per-sample parameters (or :meth:`FusedWarp.draw` does, for the elastic field's
-low-rank draw); :meth:`FusedWarp.plan` turns them into small per-sample matrices (a :class:`WarpPlan`), and
-the forward resamples once, with PyTorch ops or, on the CPU, ``fastclr.kernels.warp_sample``.
-``tests/test_augment.py`` checks each part against Kornia's own output for the same parameters.
+:meth:`FusedWarp.draw` draws every sample's parameters on the images' device (``fastclr.sampling``, from an
+:class:`~fastclr.config.AugConfig`), in Kornia's parameter format, so Kornia's modules (the reference,
+``fastclr.augment.kornia_modules``) and this warp read the same parameters alike. :meth:`FusedWarp.plan` turns
+them into small per-sample matrices (a :class:`WarpPlan`), with the affine matrix from :func:`affine_matrix`
+(fastclr's own, equal to Kornia's), and the forward resamples once, with PyTorch ops or, on the CPU,
+``fastclr.kernels.warp_sample``. ``tests/test_augment.py`` checks each part against Kornia's own output for
+the same parameters.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 from kornia.filters.kernels import get_gaussian_kernel1d
 from torch import Tensor, nn
 
 from . import kernels, sampling
+from .config import AugConfig
 
 
 @dataclasses.dataclass
@@ -31,20 +35,20 @@ class WarpPlan:
     xbasis: Tensor
     frames: Tensor
     dense: Tensor | None
+    size: tuple[int, int]       # output (H, W)
 
 
 class FusedWarp(nn.Module):
-    """Kornia's RandomHorizontalFlip -> RandomResizedCrop -> RandomAffine -> RandomElasticTransform as ONE
-    resampling (each step optional).
+    """Horizontal flip -> random resized crop -> random affine -> elastic deformation as ONE resampling, each
+    step on where ``cfg`` switches it on (``hflip_p > 0``, ``crop_min < 1``, any affine range, ``elastic_p > 0``).
 
-    Kornia's crop and affine modules draw the per-sample parameters (``forward_parameters``: their
-    distributions exactly); this module turns them into one sampling grid. In pixel-index coordinates
-    (pixel centres at integers) an output pixel ``p`` of the chain reads
+    The steps and their parameters are Kornia's (RandomHorizontalFlip, RandomResizedCrop with its default
+    ``align_corners=True``, RandomAffine, RandomElasticTransform); this module folds them into one sampling grid.
+    In pixel-index coordinates (pixel centres at integers) an output pixel ``p`` of the chain reads
 
         elastic:  p' = p + d(p) * (W/2, H/2)         d: the blurred noise field, align_corners=False units
-        affine:   q  = A^-1 p'                        A: RandomAffine's matrix (input -> output pixels)
-        crop:     r  = s * q + x0                     s = (x1 - x0) / (W - 1): box corners onto output
-                                                      corners (Kornia's align_corners=True default)
+        affine:   q  = A^-1 p'                        A: the affine matrix (input -> output pixels)
+        crop:     r  = s * q + x0                     s = (x1 - x0) / (W - 1): box corners onto output corners
 
     and ``r`` is sampled bilinearly from the input with zero padding; the chain's zero padding at the crop's
     and the affine's frames is reproduced by a weight (see :meth:`plan`). The chain resamples three times
@@ -55,63 +59,55 @@ class FusedWarp(nn.Module):
     covariance is (Bx Bx^T) kron (By By^T) / 3. :meth:`draw` samples the same covariance from its top
     ``elastic_rank`` eigen-directions per axis: d = Ly G Lx^T, G (rank x rank) Gaussian with variance 1/3,
     Ly Ly^T ~= By By^T. At 28 pixels, sigma 4 and rank 8 that keeps 99.7% of the field's variance and
-    draws 64 numbers per field instead of 784 (Kornia's draw was the largest single cost of the warp).
-    Given Kornia's own ``{"noise": ...}`` parameters, :meth:`plan` applies the exact blur instead (the
-    tests use this to compare with Kornia's output).
+    draws 64 numbers per field instead of 784. Given per-pixel ``{"noise": ...}`` parameters (Kornia's own,
+    or ``elastic_rank=None``), :meth:`plan` applies the exact blur instead (the tests compare with Kornia so).
 
     Args:
-        crop, affine, elastic, flip: configured Kornia modules, or ``None`` to leave that step out.
-        size: output (H, W).
-        elastic_rank: eigen-directions per axis kept for the elastic field; ``None``: Kornia's per-pixel noise
-            and the exact blur.
+        cfg: the augmentation settings (only the flip, crop, affine and elastic ones are read here).
+        size: output (H, W); ``None``: the input's size.
+        elastic_rank: eigen-directions per axis kept for the elastic field; ``None``: per-pixel noise and the
+            exact blur.
+        cpu_kernel: on the CPU, resample with ``fastclr.kernels.warp_sample`` (the Runtime decides).
 
     Shape:
         x: (B, C, H_in, W_in) float. Output: (B, C, *size).
     """
 
-    def __init__(self, crop: K.RandomResizedCrop | None, affine: K.RandomAffine | None,
-                 elastic: K.RandomElasticTransform | None, size: tuple[int, int], elastic_rank: int | None = 8,
-                 cpu_kernel: bool = False, flip: K.RandomHorizontalFlip | None = None, sampler: str = "device"):
+    def __init__(self, cfg: AugConfig, size: tuple[int, int] | None = None, elastic_rank: int | None = 8,
+                 cpu_kernel: bool = False):
         super().__init__()
-        if sampler not in ("device", "kornia"):
-            raise ValueError(f"sampler must be 'device' or 'kornia', got {sampler!r}")
-        self.sampler = sampler
-        self.crop, self.affine, self.elastic, self.size = crop, affine, elastic, tuple(size)
-        self.flip = flip
+        self.cfg, self.size = cfg, None if size is None else tuple(size)
+        self.steps = {name for name, on in (("flip", cfg.hflip_p > 0), ("crop", cfg.crop_scale is not None),
+                                            ("affine", cfg.has_affine), ("elastic", cfg.elastic_p > 0)) if on}
         self.elastic_rank = elastic_rank
         self.cpu_kernel = cpu_kernel
         self._factors: dict = {}
 
-    def draw(self, shape: torch.Size, device: torch.device | str = "cpu") -> dict:
-        """One parameter set per sample, from torch's generator for ``device``: flip, crop and affine from
-        ``fastclr.sampling`` on ``device`` (``sampler="device"``, the default) or from Kornia's own samplers (on
-        the CPU; ``sampler="kornia"``), in Kornia's parameter format either way; for the elastic field its on/off
-        draw (probability p) and the (B, 2, rank, rank) coefficients described above, on ``device``."""
-        if self.sampler == "kornia":
-            params = {name: m.forward_parameters(shape) for name, m in
-                      (("flip", self.flip), ("crop", self.crop), ("affine", self.affine)) if m is not None}
-        else:
-            params = self._draw_on_device(shape, device)
-        if self.elastic is not None and self.elastic_rank is None:
-            params["elastic"] = self.elastic.forward_parameters(shape)      # Kornia's per-pixel noise
-        elif self.elastic is not None:
-            b, r = shape[0], min(self.elastic_rank, *self.size)
-            params["elastic"] = {"batch_prob": torch.rand(b, device=device) < self.elastic.p,
-                                 "coeffs": torch.randn(b, 2, r, r, device=device) * (1 / 3) ** 0.5}
-        return params
+    def out_size(self, in_size) -> tuple[int, int]:
+        return self.size or tuple(in_size)
 
-    def _draw_on_device(self, shape: torch.Size, device) -> dict:
-        """Flip, crop and affine parameters with the distributions of the modules' Kornia samplers."""
-        b, params = shape[0], {}
-        if self.flip is not None:
-            params["flip"] = {"batch_prob": sampling.coin(b, self.flip.p, device)}
-        if self.crop is not None:
-            g = self.crop._param_generator
-            params["crop"] = sampling.resized_crop(b, tuple(shape[-2:]), tuple(g.scale), tuple(g.ratio), device)
-        if self.affine is not None:
-            g = self.affine._param_generator
-            params["affine"] = sampling.affine(b, self.size if self.crop is not None else tuple(shape[-2:]),
-                                               g.degrees, g.translate, g.scale, g.shear, device)
+    def draw(self, shape: torch.Size, device: torch.device | str = "cpu") -> dict:
+        """One parameter set per sample, from torch's generator for ``device``, in Kornia's parameter format:
+        flip coins, crop boxes and affine parameters (``fastclr.sampling``, the distributions of Kornia's
+        samplers); for the elastic field its on/off coin (probability p) and the (B, 2, rank, rank)
+        coefficients described above (or, with ``elastic_rank=None``, Kornia's per-pixel noise)."""
+        cfg, b, params = self.cfg, shape[0], {}
+        if "flip" in self.steps:
+            params["flip"] = {"batch_prob": sampling.coin(b, cfg.hflip_p, device)}
+        if "crop" in self.steps:
+            params["crop"] = sampling.resized_crop(b, tuple(shape[-2:]), cfg.crop_scale, tuple(cfg.crop_ratio), device)
+        if "affine" in self.steps:
+            size = self.out_size(shape[-2:]) if "crop" in self.steps else tuple(shape[-2:])
+            params["affine"] = sampling.affine(b, size, cfg.degrees, cfg.translate, tuple(cfg.zoom), cfg.shear, device)
+        if "elastic" in self.steps:
+            h, w = self.out_size(shape[-2:])
+            on = torch.rand(b, device=device) < cfg.elastic_p
+            if self.elastic_rank is None:
+                params["elastic"] = {"batch_prob": on, "noise": torch.rand(b, 2, h, w, device=device) * 2 - 1}
+            else:
+                r = min(self.elastic_rank, h, w)
+                params["elastic"] = {"batch_prob": on,
+                                     "coeffs": torch.randn(b, 2, r, r, device=device) * (1 / 3) ** 0.5}
         return params
 
     def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
@@ -122,15 +118,10 @@ class FusedWarp(nn.Module):
         # the image border). Kornia's crop never pads: it reads inside the box.
         border = "crop" in params
         if self.cpu_kernel and plan.dense is None and kernels.view_kernels_supported(x):
-            return kernels.warp_sample(x, plan.core, plan.ybasis, plan.xbasis, plan.frames, self.size, border)
+            return kernels.warp_sample(x, plan.core, plan.ybasis, plan.xbasis, plan.frames, plan.size, border)
         grid, inside = self.maps(plan)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border" if border else "zeros", align_corners=True)
         return y if inside is None else y * inside[:, None]
-
-    def grid(self, x: Tensor, params: dict) -> tuple[Tensor, Tensor | None]:
-        """The sampling grid (B, H, W, 2) in grid_sample's align_corners=True units and the frames' weight
-        (B, H, W) (``None`` without intermediate frames); see :meth:`plan` and :meth:`maps`."""
-        return self.maps(self.plan(x, params))
 
     def maps(self, plan: "WarpPlan") -> tuple[Tensor, Tensor | None]:
         """The plan's grid (B, H, W, 2) and frame weight (B, H, W), with PyTorch ops (any device)."""
@@ -138,7 +129,7 @@ class FusedWarp(nn.Module):
         if plan.dense is not None:
             grid = grid + plan.dense
         inside = None
-        h, w = self.size
+        h, w = plan.size
         for f in range(plan.frames.shape[1]):                           # t = F[:, :2] grid + F[:, 2], (B, 2, H, W)
             fr = plan.frames[:, f]
             t = torch.einsum("bkc,bchw->bkhw", fr[:, :, :2], grid).add_(fr[:, :, 2, None, None])
@@ -164,27 +155,29 @@ class FusedWarp(nn.Module):
         the views show the digit beyond the crop box, a weaker crop; the one-epoch-to-four k-NN checks fell by
         0.002-0.003 (0.9803/0.9833/0.9839 against the chain's 0.9830/0.9850/0.9866)."""
         b, _, h_in, w_in = x.shape
+        size = self.out_size((h_in, w_in))
         eye = torch.eye(3, device=x.device).expand(b, 3, 3)
-        a_inv = self._affine_inverse(x, params, eye)                   # affine output pixel -> its input pixel
-        crop = self._crop_matrix(params, eye, (h_in, w_in))           # crop output pixel -> input pixel
+        a_inv = self._affine_inverse(params, eye)                       # affine output pixel -> its input pixel
+        crop = self._crop_matrix(params, eye, (h_in, w_in), size)      # crop output pixel -> input pixel
         if "flip" in params:                                            # the flip comes first: it acts last here
             crop = self._flip_matrix(params["flip"], eye, w_in) @ crop
         # pixel index -> align_corners=True grid units (-1 at pixel 0, +1 at the last pixel)
         to_grid = _constant(((2 / (w_in - 1), 0.0, -1.0), (0.0, 2 / (h_in - 1), -1.0), (0.0, 0.0, 1.0)), x.device)
         m = to_grid @ crop @ a_inv                                      # output pixel -> grid units
-        core, ybasis, xbasis = self._affine_core(m)
+        core, ybasis, xbasis = _affine_core(m, size)
         dense = None
         if "elastic" in params:
-            core, ybasis, xbasis, dense = self._add_elastic(core, ybasis, xbasis, m[:, :2, :2], params["elastic"])
+            core, ybasis, xbasis, dense = self._add_elastic(core, ybasis, xbasis, m[:, :2, :2], params["elastic"], size)
         frames = self._frames(params, to_grid @ crop, a_inv, core)
-        return WarpPlan(core, ybasis, xbasis, frames, dense)
+        return WarpPlan(core, ybasis, xbasis, frames, dense, size)
 
-    def _affine_inverse(self, x: Tensor, params: dict, eye: Tensor) -> Tensor:
+    @staticmethod
+    def _affine_inverse(params: dict, eye: Tensor) -> Tensor:
         """(B, 3, 3): each sample's affine output pixel -> input pixel (identity where the affine is off)."""
         if "affine" not in params:
             return eye
-        a = self.affine.compute_transformation(x, params["affine"], self.affine.flags).float()
-        on = params["affine"]["batch_prob"].to(x.device).bool()[:, None, None]
+        a = affine_matrix({k: v.to(eye.device, torch.float32) for k, v in params["affine"].items()})
+        on = params["affine"]["batch_prob"].to(eye.device).bool()[:, None, None]
         return torch.where(on, _inverse(a), eye)
 
     @staticmethod
@@ -195,44 +188,26 @@ class FusedWarp(nn.Module):
         flip = _constant(((-1.0, 0.0, w_in - 1.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), eye.device)
         return torch.where(on, flip, eye)
 
-    def _crop_matrix(self, params: dict, eye: Tensor, in_size: tuple[int, int]) -> Tensor:
-        """(B, 3, 3): crop output pixel -> input pixel, from Kornia's crop box (identity without a crop)."""
-        h, w = self.size
+    @staticmethod
+    def _crop_matrix(params: dict, eye: Tensor, in_size: tuple[int, int], size: tuple[int, int]) -> Tensor:
+        """(B, 3, 3): crop output pixel -> input pixel, from the crop box (identity without a crop). The box's
+        corners land on the output's corners, as in Kornia's RandomResizedCrop (``align_corners=True``)."""
+        h, w = size
         if "crop" not in params:
             if (h, w) != tuple(in_size):
-                raise ValueError(f"without a crop the output size {self.size} must equal the input's {tuple(in_size)}")
+                raise ValueError(f"without a crop the output size {size} must equal the input's {tuple(in_size)}")
             return eye
         box = params["crop"]["src"].to(eye.device, torch.float32)       # (B, 4, 2): corners, x y
         x0, y0, x1, y1 = box[:, 0, 0], box[:, 0, 1], box[:, 2, 0], box[:, 2, 1]   # inclusive pixel box
-        if self.crop.flags["align_corners"]:        # Kornia's default: box corners onto output corners
-            sx, sy = (x1 - x0) / (w - 1), (y1 - y0) / (h - 1)
-            ox, oy = x0, y0
-        else:                                       # half-pixel resize of the (x1 - x0 + 1)-pixel slice
-            sx, sy = (x1 - x0 + 1) / w, (y1 - y0 + 1) / h
-            ox, oy = x0 + sx / 2 - 0.5, y0 + sy / 2 - 0.5
+        sx, sy = (x1 - x0) / (w - 1), (y1 - y0) / (h - 1)
         zero, one = torch.zeros_like(sx), torch.ones_like(sx)
-        return torch.stack([sx, zero, ox, zero, sy, oy, zero, zero, one], -1).view(-1, 3, 3)
+        return torch.stack([sx, zero, x0, zero, sy, y0, zero, zero, one], -1).view(-1, 3, 3)
 
-    def _affine_core(self, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The grid of the (B, 3, 3) map ``m`` as core (B, 2, 2, 2), ybasis (H, 2), xbasis (W, 2).
-
-        Every term of grid[b, k, h, w] is a sum of (function of h) * (function of w): shift_k * 1 * 1,
-        lin_k0 * 1 * w, lin_k1 * h * 1 (and the elastic field's sum_ij Ly[h, i] G[i, j] Lx[w, j]). So the grid
-        is Ybasis @ core_k @ Xbasis^T with a small per-sample core: two thin matmuls write it, instead of a
-        pass over the (B, 2, H, W) grid per term."""
-        h, w = self.size
-        dev = m.device
-        lin, shift = m[:, :2, :2], m[:, :2, 2]                          # (B, 2, 2), (B, 2)
-        core = torch.zeros(m.shape[0], 2, 2, 2, device=dev)             # (B, k, y-basis [1, h], x-basis [1, w])
-        core[:, :, 0, 0], core[:, :, 0, 1], core[:, :, 1, 0] = shift, lin[:, :, 0], lin[:, :, 1]
-        ybasis = torch.stack([torch.ones(h, device=dev), torch.arange(h, device=dev, dtype=torch.float32)], 1)
-        xbasis = torch.stack([torch.ones(w, device=dev), torch.arange(w, device=dev, dtype=torch.float32)], 1)
-        return core, ybasis, xbasis
-
-    def _add_elastic(self, core: Tensor, ybasis: Tensor, xbasis: Tensor, lin: Tensor, e: dict):
-        """Fold the elastic field into the grid: M (p + diag(s) d) = M p + (lin s) d. Kornia's own noise gives a
+    def _add_elastic(self, core: Tensor, ybasis: Tensor, xbasis: Tensor, lin: Tensor, e: dict,
+                     size: tuple[int, int]):
+        """Fold the elastic field into the grid: M (p + diag(s) d) = M p + (lin s) d. Per-pixel noise gives a
         dense (B, 2, H, W) term; the low-rank draw grows the core and the bases by its rank instead."""
-        h, w = self.size
+        h, w = size
         dev = core.device
         k = lin * self.elastic_scale(e, h, w, dev)[:, None, :]          # (B, k, c)
         if "noise" in e:                                                # Kornia's own draw: exact, dense
@@ -261,23 +236,23 @@ class FusedWarp(nn.Module):
     def elastic_scale(self, params: dict, h: int, w: int, dev) -> Tensor:
         """(B, 2): alpha * (W/2, H/2) (the field is in align_corners=False grid units, the grid here in pixels),
         zero for the samples the module's p left out."""
-        (ay, ax) = self.elastic.flags["alpha"]
+        alpha = self.cfg.elastic_alpha
         on = params["batch_prob"].to(dev).float()[:, None]
-        return on * _constant((ax * w / 2, ay * h / 2), dev)
+        return on * _constant((alpha * w / 2, alpha * h / 2), dev)
 
     def exact_field(self, params: dict, h: int, w: int, dev) -> Tensor:
-        """Kornia's field from Kornia's noise (B, 2, H, W): the Gaussian blur with a zero border is a banded
+        """Kornia's field from per-pixel noise (B, 2, H, W): the Gaussian blur with a zero border is a banded
         (n, n) matrix per axis. Returns (B, 2, H, W), channel 0 the x displacement."""
-        (ky, kx), (sy, sx) = self.elastic.flags["kernel_size"], self.elastic.flags["sigma"]
+        k, sigma = self.cfg.elastic_kernel, self.cfg.elastic_sigma
         noise = params["noise"].to(dev, torch.float32)
-        return _blur_matrix(h, ky, sy, dev) @ noise @ _blur_matrix(w, kx, sx, dev).T
+        return _blur_matrix(h, k, sigma, dev) @ noise @ _blur_matrix(w, k, sigma, dev).T
 
     def low_rank_field(self, params: dict, h: int, w: int, dev) -> tuple[Tensor, Tensor, Tensor]:
         """The field as Ly @ coeffs @ Lx^T: returns Ly (H, r), Lx (W, r) and coeffs (B, 2, r, r)."""
-        (ky, kx), (sy, sx) = self.elastic.flags["kernel_size"], self.elastic.flags["sigma"]
+        k, sigma = self.cfg.elastic_kernel, self.cfg.elastic_sigma
         coeffs = params["coeffs"].to(dev, torch.float32)
         r = coeffs.shape[-1]
-        return self._factor(h, ky, sy, r, dev), self._factor(w, kx, sx, r, dev), coeffs
+        return self._factor(h, k, sigma, r, dev), self._factor(w, k, sigma, r, dev), coeffs
 
     def _factor(self, n: int, ksize: int, sigma: float, rank: int, dev) -> Tensor:
         """(n, rank) L with L L^T the best rank-``rank`` approximation of B B^T (B: the blur matrix); cached."""
@@ -288,6 +263,52 @@ class FusedWarp(nn.Module):
             top = val.flip(0)[:rank].clamp_min(0).sqrt()
             self._factors[key] = (vec.flip(1)[:, :rank] * top).float().to(dev)
         return self._factors[key]
+
+
+def _affine_core(m: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The grid of the (B, 3, 3) map ``m`` as core (B, 2, 2, 2), ybasis (H, 2), xbasis (W, 2).
+
+    Every term of grid[b, k, h, w] is a sum of (function of h) * (function of w): shift_k * 1 * 1,
+    lin_k0 * 1 * w, lin_k1 * h * 1 (and the elastic field's sum_ij Ly[h, i] G[i, j] Lx[w, j]). So the grid
+    is Ybasis @ core_k @ Xbasis^T with a small per-sample core: two thin matmuls write it, instead of a
+    pass over the (B, 2, H, W) grid per term."""
+    h, w = size
+    dev = m.device
+    lin, shift = m[:, :2, :2], m[:, :2, 2]                          # (B, 2, 2), (B, 2)
+    core = torch.zeros(m.shape[0], 2, 2, 2, device=dev)             # (B, k, y-basis [1, h], x-basis [1, w])
+    core[:, :, 0, 0], core[:, :, 0, 1], core[:, :, 1, 0] = shift, lin[:, :, 0], lin[:, :, 1]
+    ybasis = torch.stack([torch.ones(h, device=dev), torch.arange(h, device=dev, dtype=torch.float32)], 1)
+    xbasis = torch.stack([torch.ones(w, device=dev), torch.arange(w, device=dev, dtype=torch.float32)], 1)
+    return core, ybasis, xbasis
+
+
+_DEG = math.pi / 180.0
+
+
+def affine_matrix(p: dict) -> Tensor:
+    """(B, 3, 3) float32 input -> output pixel maps from affine parameters in Kornia's format (translations
+    (B, 2) pixels, center (B, 2), scale (B, 2), angle (B,) degrees clockwise as displayed, shear_x / shear_y
+    (B,) degrees): rotation and scale about the centre, plus the translation, after an x-then-y shear about the
+    centre. The same operations in the same order as Kornia's ``get_affine_matrix2d`` (what RandomAffine
+    computes), so the matrices are equal bit for bit (``tests/test_augment.py``)."""
+    center, scale = p["center"], p["scale"]
+    b, dev = center.shape[0], center.device
+    eye = torch.eye(3, device=dev).repeat(b, 1, 1)
+    shift, unshift, scale_m, rot = eye.clone(), eye.clone(), eye.clone(), eye.clone()
+    shift[:, :2, 2] = center
+    unshift[:, :2, 2] = -center
+    scale_m[:, 0, 0] *= scale[:, 0]
+    scale_m[:, 1, 1] *= scale[:, 1]
+    rad = -p["angle"] * _DEG                                       # Kornia negates: positive is clockwise
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    rot[:, :2, :2] = torch.stack([cos, sin, -sin, cos], -1).view(b, 2, 2)
+    m = shift @ rot @ scale_m @ unshift
+    m[:, :2, 2] += p["translations"]
+    tx, ty = torch.tan(p["shear_x"] * _DEG), torch.tan(p["shear_y"] * _DEG)
+    x, y = center[:, 0], center[:, 1]
+    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
+    shear = torch.stack([one, -tx, tx * y, -ty, one + tx * ty, ty * (x - tx * y), zero, zero, one], -1).view(b, 3, 3)
+    return m @ shear
 
 
 _CONSTANTS: dict = {}

@@ -48,3 +48,22 @@ def train_cli(*args, timeout=600):
     """Run ``python -m fastclr.train ARGS`` in a subprocess; returns the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, "-m", "fastclr.train", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+OFF = {"flip": dict(hflip_p=0.0), "crop": dict(crop_min=1.0), "affine": dict(degrees=0.0, translate=0.0, shear=0.0,
+                                                                                zoom=(1.0, 1.0)),
+       "elastic": dict(elastic_p=0.0), "thickness": dict(thickness_p=0.0), "jitter": dict(brightness=0.0, contrast=0.0),
+       "blur": dict(blur_p=0.0), "erase": dict(erase_p=0.0)}
+
+
+def only(*steps, **settings):
+    """An AugConfig with only ``steps`` on (at their default settings, or with a probability of 0.5 for those
+    that are off by default: flip, blur, erasing), then ``settings`` over it."""
+    from fastclr.config import AugConfig
+
+    on_by_default = {"flip": dict(hflip_p=0.5), "blur": dict(blur_p=0.5), "erase": dict(erase_p=0.5),
+                     "jitter": dict(brightness=0.2, contrast=0.3)}
+    cfg = {}
+    for step, off in OFF.items():
+        cfg.update(on_by_default.get(step, {}) if step in steps else off)
+    return AugConfig(**{**cfg, **settings})

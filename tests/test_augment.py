@@ -1,7 +1,10 @@
 import pytest
 import torch
 
+from conftest import only
+
 from fastclr.augment import SimCLRAugment
+from fastclr.config import AugConfig
 
 # fp32 rounding between the fused warp and Kornia's warps. With torch 2.11 and 2.14.1 they agree to 1e-5; torch 2.5.1
 # (the lowest torch fastclr supports) rounds Kornia's warp differently on ~1% of the pixels, up to 4.0e-5
@@ -24,7 +27,7 @@ def test_per_sample_parameters_give_distinct_views():
 
 
 def test_seeded_calls_are_reproducible_and_two_calls_differ():
-    aug = SimCLRAugment(erase_p=0.5, blur_p=0.5)
+    aug = SimCLRAugment(AugConfig(erase_p=0.5, blur_p=0.5))
     x = digit_like(8)
     torch.manual_seed(123)
     a, b = aug(x), aug(x)
@@ -37,15 +40,14 @@ def test_seeded_calls_are_reproducible_and_two_calls_differ():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_keeps_shape_dtype_device_and_range(dtype):
     x = torch.rand(16, 1, 28, 28).to(dtype)
-    y = SimCLRAugment(erase_p=0.5)(x)
+    y = SimCLRAugment(AugConfig(erase_p=0.5, blur_p=0.5))(x)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
 
 
 def test_switches_turn_ops_off():
     x = digit_like(4)
-    ident = SimCLRAugment(crop_scale=None, degrees=0, translate=0, shear=0, scale=(1.0, 1.0), thickness_p=0,
-                          elastic_p=0)
+    ident = SimCLRAugment(only())
     assert len(ident.ops) == 0
     torch.testing.assert_close(ident(x), x)
 
@@ -72,7 +74,7 @@ def test_random_thickness_dilates_or_erodes_per_sample():
 
 def test_elastic_option_keeps_range():
     torch.manual_seed(0)
-    y = SimCLRAugment(elastic_p=1.0, thickness_p=0.5)(digit_like(8))
+    y = SimCLRAugment(AugConfig(elastic_p=1.0, thickness_p=0.5))(digit_like(8))
     assert y.shape == (8, 1, 28, 28) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
@@ -101,11 +103,11 @@ def smooth_digits(n, seed=0):
 
 
 def kornia_modules():
-    import kornia.augmentation as K
+    """Kornia's crop, affine and elastic modules for the default AugConfig (the reference)."""
+    from fastclr.augment import kornia_modules as reference
 
-    return (K.RandomResizedCrop((28, 28), scale=(0.6, 1.0), ratio=(0.75, 1.333)),
-            K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10, p=1.0),
-            K.RandomElasticTransform(kernel_size=(15, 15), sigma=(4.0, 4.0), alpha=(0.5, 0.5), p=0.8))
+    mods = reference(AugConfig())
+    return mods["crop"], mods["affine"], mods["elastic"]
 
 
 def test_fused_crop_alone_equals_kornia_inside_the_border():
@@ -115,7 +117,7 @@ def test_fused_crop_alone_equals_kornia_inside_the_border():
     crop, _, _ = kornia_modules()
     x = torch.rand(32, 1, 28, 28)
     params = {"crop": crop.forward_parameters(x.shape)}
-    ours = FusedWarp(crop, None, None, (28, 28))(x, params)
+    ours = FusedWarp(only("crop"))(x, params)
     ref = crop(x, params=params["crop"])
     # Kornia resizes the sliced crop, so its first and last output rows/columns clamp to the crop's edge pixel;
     # the fused warp reads the real neighbour there. Everywhere else the sample positions are the same.
@@ -129,7 +131,7 @@ def test_fused_affine_alone_equals_kornia():
     _, affine, _ = kornia_modules()
     x = torch.rand(32, 1, 28, 28)
     params = {"affine": affine.forward_parameters(x.shape)}
-    torch.testing.assert_close(FusedWarp(None, affine, None, (28, 28))(x, params),
+    torch.testing.assert_close(FusedWarp(only("affine"))(x, params),
                                affine(x, params=params["affine"]), rtol=0, atol=KORNIA_ATOL)
 
 
@@ -141,7 +143,7 @@ def test_fused_elastic_alone_with_kornias_noise_equals_kornia():
     x = torch.rand(32, 1, 28, 28)
     params = {"elastic": elastic.forward_parameters(x.shape)}     # Kornia's own noise: the exact blur path
     assert 0 < int(params["elastic"]["batch_prob"].sum()) < 32      # p=0.8: some on, some off
-    torch.testing.assert_close(FusedWarp(None, None, elastic, (28, 28))(x, params),
+    torch.testing.assert_close(FusedWarp(only("elastic"))(x, params),
                                elastic(x, params=params["elastic"]), rtol=0, atol=1e-5)
 
 
@@ -164,7 +166,7 @@ def test_fused_composition_matches_kornias_chain_on_smooth_images(seed):
     def chain(img):
         return elastic(affine(crop(img, params=params["crop"]), params=params["affine"]), params=params["elastic"])
 
-    ours, ref = FusedWarp(crop, affine, elastic, (28, 28))(x, params), chain(x)
+    ours, ref = FusedWarp(only("crop", "affine", "elastic"))(x, params), chain(x)
     unpadded = chain(torch.ones_like(x)) > 0.999
     assert float(unpadded.float().mean()) > 0.5                       # most of each view is compared
     diff = (ours - ref).abs()
@@ -187,7 +189,7 @@ def test_fused_warp_blackens_the_crops_frame_like_the_chain(steps):
     for k in steps:
         ref = mods[k](ref, params=params[k])
     assert float(ref.min()) < 0.5                                       # the chain did pad
-    ours = FusedWarp(*(mods[k] if k in steps else None for k in mods), (28, 28))(x, params)
+    ours = FusedWarp(only(*steps))(x, params)
     torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
 
 
@@ -198,7 +200,7 @@ def test_low_rank_elastic_field_has_the_exact_fields_covariance():
     from fastclr.warp import FusedWarp, _blur_matrix
 
     _, _, elastic = kornia_modules()
-    warp = FusedWarp(None, None, elastic, (28, 28))
+    warp = FusedWarp(only("elastic"))
     exact = _blur_matrix(28, 15, 4.0, "cpu").double()
     exact = exact @ exact.T
     low = warp._factor(28, 15, 4.0, 8, "cpu").double()
@@ -222,7 +224,7 @@ def test_both_implementations_keep_digits_recognisable(impl):
     """Same parameter ranges, so the views move the image's centre of mass by similar amounts."""
     torch.manual_seed(0)
     x = smooth_digits(256)
-    y = SimCLRAugment(impl=impl, thickness_p=0)(x)
+    y = SimCLRAugment(AugConfig(thickness_p=0), impl=impl)(x)
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
 
     def centre(img):
@@ -250,27 +252,12 @@ def test_random_thickness_uses_exactly_dilation_or_erosion():
     assert bool((is_dil | is_ero).all()) and int(is_dil.sum()) > 10 and int(is_ero.sum()) > 10
 
 
-def test_fused_crop_follows_kornias_align_corners_flag():
-    import kornia.augmentation as K
-
-    from fastclr.warp import FusedWarp
-
-    torch.manual_seed(3)
-    crop = K.RandomResizedCrop((28, 28), scale=(0.6, 1.0), align_corners=False)
-    x = torch.rand(32, 1, 28, 28)
-    params = {"crop": crop.forward_parameters(x.shape)}
-    ours = FusedWarp(crop, None, None, (28, 28))(x, params)
-    torch.testing.assert_close(ours[..., 1:-1, 1:-1], crop(x, params=params["crop"])[..., 1:-1, 1:-1],
-                               rtol=0, atol=1e-5)
-
-
 def test_elastic_rank_none_draws_kornias_per_pixel_noise():
     from fastclr.warp import FusedWarp
 
-    _, _, elastic = kornia_modules()
-    params = FusedWarp(None, None, elastic, (28, 28), elastic_rank=None).draw(torch.Size((4, 1, 28, 28)))
+    params = FusedWarp(only("elastic"), elastic_rank=None).draw(torch.Size((4, 1, 28, 28)))
     assert params["elastic"]["noise"].shape == (4, 2, 28, 28)
-    low = FusedWarp(None, None, elastic, (28, 28)).draw(torch.Size((4, 1, 28, 28)))
+    low = FusedWarp(only("elastic")).draw(torch.Size((4, 1, 28, 28)))
     assert low["elastic"]["coeffs"].shape == (4, 2, 8, 8)
 
 
@@ -290,10 +277,10 @@ def test_fused_flip_with_affine_equals_kornias_flip_then_affine():
     x = torch.rand(32, 1, 28, 28)
     params = {"flip": flip.forward_parameters(x.shape), "affine": affine.forward_parameters(x.shape)}
     assert 0 < int(params["flip"]["batch_prob"].sum()) < 32              # some flipped, some not
-    ours = FusedWarp(None, affine, None, (28, 28), flip=flip)(x, params)
+    ours = FusedWarp(only("flip", "affine"))(x, params)
     ref = affine(flip(x, params=params["flip"]), params=params["affine"])
     torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
-    alone = FusedWarp(None, None, None, (28, 28), flip=flip)(x, {"flip": params["flip"]})
+    alone = FusedWarp(only("flip"))(x, {"flip": params["flip"]})
     torch.testing.assert_close(alone, flip(x, params=params["flip"]), rtol=0, atol=1e-5)
 
 
@@ -310,14 +297,14 @@ def test_fused_flip_then_crop_reads_the_crop_box_in_the_flipped_image():
     x = torch.rand(64, 1, 28, 28)
     params = {"flip": flip.forward_parameters(x.shape), "crop": crop.forward_parameters(x.shape)}
     ref = crop(flip(x, params=params["flip"]), params=params["crop"])
-    ours = FusedWarp(crop, None, None, (28, 28), flip=flip)(x, params)
+    ours = FusedWarp(only("flip", "crop"))(x, params)
     torch.testing.assert_close(ours[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], rtol=0, atol=1e-5)
 
     ones = torch.ones_like(x)
     params["affine"] = affine.forward_parameters(x.shape)
     ref = affine(crop(flip(ones, params=params["flip"]), params=params["crop"]), params=params["affine"])
     assert float(ref.min()) < 0.5                                       # the chain did pad
-    ours = FusedWarp(crop, affine, None, (28, 28), flip=flip)(ones, params)
+    ours = FusedWarp(only("flip", "crop", "affine"))(ones, params)
     torch.testing.assert_close(ours, ref, rtol=0, atol=KORNIA_ATOL)
 
 
@@ -347,7 +334,7 @@ def test_random_intensity_rejects_ranges_that_leave_zero_one():
 
 @pytest.mark.parametrize("impl", ["fused", "kornia"])
 def test_clothing_augmentations_are_per_sample_seeded_and_in_range(impl):
-    aug = SimCLRAugment(impl=impl, **CLOTHING)
+    aug = SimCLRAugment(AugConfig(**CLOTHING), impl=impl)
     x = digit_like(1).repeat(64, 1, 1, 1)
     torch.manual_seed(11)
     a, b = aug(x), aug(x)
@@ -368,21 +355,22 @@ def test_fused_flip_uses_the_cpu_kernel_path_too():
         pytest.skip("no C compiler: the CPU kernels are not built")
     x = torch.rand(32, 1, 28, 28)
     torch.manual_seed(3)
-    ref = SimCLRAugment(hflip_p=0.5, thickness_p=0)(x)
+    ref = SimCLRAugment(AugConfig(hflip_p=0.5, thickness_p=0))(x)
     torch.manual_seed(3)
-    ours = SimCLRAugment(hflip_p=0.5, thickness_p=0, cpu_kernels=True)(x)
+    ours = SimCLRAugment(AugConfig(hflip_p=0.5, thickness_p=0), cpu_kernels=True)(x)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_fused_augmentation_compiles_as_one_graph_and_equals_eager():
     """torch.compile(fullgraph=True) fails on any graph break, host sync (.item(), a data-dependent branch) or
-    Python-side randomness, so this proves the fused augmentation (device sampling, warp, thickness, flip and
-    jitter) is one traceable graph, as CUDA-graph capture needs. With Inductor's fallback_random the compiled
-    call draws the eager random stream, so the views must agree to fp32 rounding (atol 1e-5)."""
+    Python-side randomness, so this proves the fused augmentation (device sampling, warp, thickness, flip,
+    jitter, blur and erasing) is one traceable graph, as CUDA-graph capture needs. With Inductor's
+    fallback_random the compiled call draws the eager random stream, so the views must agree to fp32 rounding
+    (atol 1e-5)."""
     import torch._inductor.config as inductor_config
 
-    aug = SimCLRAugment(**{k: v for k, v in CLOTHING.items() if k != "blur_p"})
+    aug = SimCLRAugment(AugConfig(**CLOTHING, erase_p=0.5))
     x = torch.rand(64, 1, 28, 28)
     compiled = torch.compile(aug, fullgraph=True)
     with inductor_config.patch(fallback_random=True):
@@ -391,3 +379,76 @@ def test_fused_augmentation_compiles_as_one_graph_and_equals_eager():
             ours = compiled(x)
             torch.manual_seed(seed)
             torch.testing.assert_close(ours, aug(x), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- fastclr's own affine matrix, blur, erasing
+
+@pytest.mark.parametrize("degrees, shear", [(15.0, 10.0), (90.0, (-5.0, 20.0, -3.0, 7.0)), (0.0, 0.0)])
+def test_affine_matrix_equals_kornias_bit_for_bit(degrees, shear):
+    """fastclr.warp.affine_matrix runs Kornia's get_affine_matrix2d's operations in its order: torch.equal."""
+    import kornia.augmentation as K
+
+    from fastclr.warp import affine_matrix
+
+    torch.manual_seed(8)
+    kornia_affine = K.RandomAffine(degrees=degrees, translate=(0.2, 0.1), scale=(0.7, 1.3), shear=shear, p=1.0)
+    x = torch.rand(64, 1, 28, 28)
+    params = kornia_affine.forward_parameters(x.shape)
+    theirs = kornia_affine.compute_transformation(x, params, kornia_affine.flags)
+    assert torch.equal(affine_matrix({k: v.float() for k, v in params.items()}), theirs)
+
+
+def test_blur_equals_kornias_gaussian_blur_on_the_same_sigmas():
+    """RandomBlur's separable taps against kornia.filters.gaussian_blur2d (what RandomGaussianBlur calls) on the
+    same per-sample sigma, reflected border: fp32 rounding (atol 1e-6); the samples not drawn stay as they were."""
+    from kornia.filters import gaussian_blur2d
+
+    from fastclr.augment import RandomBlur
+
+    torch.manual_seed(9)
+    x = torch.rand(48, 2, 20, 28)
+    blur = RandomBlur((0.1, 2.0), p=0.6)
+    params = blur.draw(48, x.device)
+    on = params["batch_prob"].bool()
+    assert 10 < int(on.sum()) < 45
+    ref = gaussian_blur2d(x, (3, 3), params["sigma"][:, None].expand(-1, 2), border_type="reflect")
+    out = blur(x, params)
+    torch.testing.assert_close(out[on], ref[on], rtol=0, atol=1e-6)
+    assert torch.equal(out[~on], x[~on])
+
+
+def test_erase_equals_kornias_random_erasing_on_the_same_boxes():
+    """RandomErase's mask against Kornia's RandomErasing applied with the same rectangles: exact."""
+    import kornia.augmentation as K
+
+    from fastclr.augment import ERASE_RATIO, RandomErase
+
+    torch.manual_seed(10)
+    x = torch.rand(64, 1, 28, 28) + 0.1
+    erase = RandomErase((0.02, 0.3), p=1.0)
+    params = erase.draw(64, (28, 28), x.device)
+    ref = K.RandomErasing(scale=(0.02, 0.3), ratio=ERASE_RATIO, p=1.0)(x, params=params)
+    out = erase(x, params)
+    assert torch.equal(out, ref)
+    assert bool(((out == 0).flatten(1).sum(1) > 0).all())                 # every sample lost a rectangle
+    params["batch_prob"] = torch.zeros(64)
+    assert torch.equal(erase(x, params), x)
+
+
+def test_kornia_reference_chain_is_built_from_the_same_config():
+    """impl="kornia" builds Kornia's modules from the AugConfig, in the fused path's order."""
+    import kornia.augmentation as K
+
+    cfg = AugConfig(hflip_p=0.5, brightness=0.2, contrast=0.3, blur_p=0.5, erase_p=0.5, crop_ratio=(0.5, 2.0),
+                    zoom=(0.8, 1.2), elastic_sigma=3.0)
+    ops = list(SimCLRAugment(cfg, impl="kornia").ops)
+    kinds = [type(m).__name__ for m in ops]
+    assert kinds == ["RandomThickness", "RandomHorizontalFlip", "RandomResizedCrop", "RandomAffine",
+                     "RandomElasticTransform", "RandomIntensity", "RandomGaussianBlur", "RandomErasing"]
+    crop, affine, elastic = ops[2], ops[3], ops[4]
+    assert isinstance(crop, K.RandomResizedCrop)
+    assert tuple(float(v) for v in crop._param_generator.ratio) == (0.5, 2.0)
+    assert tuple(float(v) for v in affine._param_generator.scale) == pytest.approx((0.8, 1.2))
+    assert tuple(elastic.flags["sigma"]) == (3.0, 3.0)
+    fused = [type(m).__name__ for m in SimCLRAugment(cfg).ops]
+    assert fused == ["RandomThickness", "FusedWarp", "RandomIntensity", "RandomBlur", "RandomErase"]

@@ -3,12 +3,13 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fastclr.backend import FastclrError
+from fastclr.errors import FastclrError
 from fastclr.checkpoint import (CHECKPOINT_FORMAT, CheckpointWriteError, TrainState, read_checkpoint, rng_state,
                                 set_rng_state, write_checkpoint)
 from fastclr.model import Encoder, load_encoder
@@ -145,3 +146,47 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
     assert got[:3] == expected[:3]
     torch.testing.assert_close(got[3], expected[3], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------- files written before the config change
+# tests/fixtures/run-54a587c-*: a tiny run (width 4, 512 images, 8 steps) written by fastclr at commit 54a587c,
+# before settings were grouped (flat config without crop_ratio, zoom, ...): its encoder, weights and knn figure.
+FIXTURES = Path(__file__).parent / "fixtures"
+OLD_CKPT, OLD_METRICS = FIXTURES / "run-54a587c-checkpoint.pt", FIXTURES / "run-54a587c-metrics.json"
+
+
+def test_a_checkpoint_from_before_the_change_loads_with_load_encoder():
+    enc = load_encoder(OLD_CKPT)
+    assert enc.hparams["width"] == 4 and enc.out_dim == 16
+    out = enc(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 16) and torch.isfinite(out).all()
+
+
+def test_a_config_from_before_the_change_reads_and_resumes_as_the_same_settings():
+    import json
+
+    from fastclr.checkpoint import check_resume, saved_config
+    from fastclr.config import TrainConfig
+
+    saved = saved_config(read_checkpoint(OLD_CKPT))
+    assert "crop_ratio" not in saved                                  # written before the field existed
+    cfg = TrainConfig.from_dict(saved)
+    assert (cfg.width, cfg.train_subset, cfg.augment.crop_min, cfg.recipe) == (4, 512, 0.6, "mnist")
+    check_resume(saved, cfg)
+    metrics_cfg = json.loads(OLD_METRICS.read_text())["config"]
+    assert TrainConfig.from_dict(metrics_cfg) == cfg
+
+
+@pytest.mark.slow
+def test_fastclr_eval_reproduces_a_checkpoint_from_before_the_change(mnist_root, tmp_path):
+    """python -m fastclr.eval on the old checkpoint: the k-NN its run reported (the same protocol and data)."""
+    import json
+    import shutil
+
+    shutil.copy(OLD_CKPT, tmp_path / "checkpoint.pt")
+    r = subprocess.run([sys.executable, "-m", "fastclr.eval", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+                        "--data-dir", str(mnist_root), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert got["knn_accuracy"] == pytest.approx(json.loads(OLD_METRICS.read_text())["knn_accuracy"], abs=1e-6)
+    assert "pixel_knn_accuracy" not in got and "linear_probe_accuracy" not in got   # the saved run's settings

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastclr.backend import FastclrError
-from fastclr.data import (DEBIAN_FASHION_MNIST, DevicePairs, TorchvisionPairs, check_idx_file, load_dataset,
-                          resolve_data_dir)
+from fastclr.config import AugConfig
+from fastclr.data import (DEBIAN_FASHION_MNIST, TORCHVISION_UNSUPPORTED, DevicePairs, TorchvisionPairs,
+                          check_idx_file, load_dataset, resolve_data_dir, torchvision_transform)
+from fastclr.errors import FastclrError
+from fastclr.recipes import RECIPES
 
 
 def test_real_mnist_loads_as_uint8_tensors(mnist):
@@ -103,24 +105,19 @@ def test_device_pairs_shards_are_disjoint():
 def test_both_loaders_feed_the_same_training_step():
     from fastclr.augment import SimCLRAugment
     from fastclr.backend import make_runtime
-    from fastclr.loss import NTXentLoss
-    from fastclr.model import build_model
-    from fastclr.train import train_step
+    from fastclr.config import TrainConfig
+    from fastclr.train import build_training
 
     torch.manual_seed(0)
     images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
     rt = make_runtime("cpu")
-    model = build_model("cnn", 4, 16, 32, 8, 0.13, 0.31)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tr = build_training(TrainConfig(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=16), rt, 10)
     for pairs in (DevicePairs(images, 16, rt.device, SimCLRAugment()),
-                  TorchvisionPairs(images, 16, rt.device, workers=0)):
+                  TorchvisionPairs(images, 16, rt.device, torchvision_transform(AugConfig(), (28, 28)), workers=0)):
         v1, v2 = next(iter(pairs))
         assert v1.shape == v2.shape == (16, 1, 28, 28) and v1.dtype == torch.float32
         assert 0 <= float(v1.min()) and float(v1.max()) <= 1 and not torch.equal(v1, v2)
-        loss = train_step(model, NTXentLoss(0.5), opt, scaler, sched, v1, v2, rt)
-        assert torch.isfinite(loss)
+        assert torch.isfinite(tr.step(v1, v2))
 
 
 def test_device_pairs_restart_mid_block_makes_the_same_views():
@@ -176,7 +173,8 @@ def test_a_resumed_source_yields_exactly_the_uninterrupted_views(loader, stop_at
             return DevicePairs(images, 8, torch.device("cpu"), SimCLRAugment(), seed=4, block_views=32)
     else:
         def make():
-            return TorchvisionPairs(images, 8, torch.device("cpu"), workers=0, seed=4)
+            return TorchvisionPairs(images, 8, torch.device("cpu"), torchvision_transform(AugConfig(), (28, 28)),
+                                    workers=0, seed=4)
     full, part = _interrupted_then_resumed(make, 3, stop_at)
     assert len(part) == len(full) == 3 * 12
     for i, ((a1, a2), (b1, b2)) in enumerate(zip(full, part)):
@@ -186,15 +184,102 @@ def test_a_resumed_source_yields_exactly_the_uninterrupted_views(loader, stop_at
 def test_torchvision_source_with_workers_resumes_in_the_same_order():
     """With worker processes the views' randomness lives in the workers, so a resumed epoch sees other views
     of the same images in the same order: identity views make the order visible."""
-    from fastclr.data import torchvision_transform
-
     n = 48
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
 
     def make():
-        return TorchvisionPairs(images, 4, torch.device("cpu"), workers=2, seed=7,
-                                transform=torchvision_transform(identity=True))
+        return TorchvisionPairs(images, 4, torch.device("cpu"), torchvision_transform(AugConfig(), (2, 2), identity=True),
+                                workers=2, seed=7)
     full, part = _interrupted_then_resumed(make, 2, (1, 5))
     ids = [[v1[:, 0, 0, 0].mul(255).round().long().tolist() for v1, _ in run] for run in (full, part)]
     assert ids[0] == ids[1] and len(ids[0]) == 2 * 12
     assert sorted(sum(ids[0][:12], [])) == list(range(n))       # an epoch visits every image once
+
+
+# ----------------------------------------------------------------------- one AugConfig, both pipelines
+
+def _steps(transform) -> dict:
+    """torchvision's transforms in a Compose by class name (RandomApply's inner transform under its own name)."""
+    out = {}
+    for t in transform.transforms:
+        if type(t).__name__ == "RandomApply":
+            out[type(t.transforms[0]).__name__] = (t.transforms[0], t.p)
+        else:
+            out[type(t).__name__] = (t, getattr(t, "p", None))
+    return out
+
+
+def _recipe_aug(name):
+    from fastclr.config import TrainConfig
+
+    return TrainConfig.from_recipe(name).augment
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_torchvision_pipeline_honours_every_recipe_setting(recipe):
+    """Each AugConfig field of every shipped recipe lands in torchvision's transform with its value."""
+    cfg = _recipe_aug(recipe)
+    steps = _steps(torchvision_transform(cfg, (28, 28)))
+    crop, _ = steps["RandomResizedCrop"]
+    assert tuple(crop.scale) == cfg.crop_scale and tuple(crop.ratio) == tuple(cfg.crop_ratio)
+    affine, _ = steps["RandomAffine"]
+    assert list(affine.degrees) == [-cfg.degrees, cfg.degrees] and tuple(affine.translate) == (cfg.translate,) * 2
+    assert tuple(affine.scale) == tuple(cfg.zoom) and list(affine.shear)[:2] == [-cfg.shear, cfg.shear]
+    elastic, p = steps["ElasticTransform"]
+    assert p == cfg.elastic_p and list(elastic.sigma) == [cfg.elastic_sigma] * 2
+    assert list(elastic.alpha) == [cfg.elastic_alpha * 28] * 2            # Kornia's grid units -> torchvision's
+    assert ("RandomHorizontalFlip" in steps) == (cfg.hflip_p > 0)
+    if cfg.hflip_p:
+        assert steps["RandomHorizontalFlip"][1] == cfg.hflip_p
+    assert ("GaussianBlur" in steps) == (cfg.blur_p > 0)
+    if cfg.blur_p:
+        blur, p = steps["GaussianBlur"]
+        assert p == cfg.blur_p and list(blur.sigma) == list(cfg.blur_sigma)
+    lambdas = [t for t in torchvision_transform(cfg, (28, 28)).transforms if type(t).__name__ == "Lambda"]
+    assert len(lambdas) == (cfg.thickness_p > 0) + cfg.has_jitter      # thickness and the jitter
+
+
+def test_the_torchvision_pipeline_applies_the_jitter_and_thickness_it_is_given():
+    """The two fastclr modules inside torchvision's pipeline (applied per image through a Lambda) act with the
+    configured strength: p = 1 thickness changes every image; the jitter stays within its ranges."""
+    from conftest import only
+
+    x = (torch.rand(1, 28, 28) * 200).to(torch.uint8)
+    thick = torchvision_transform(only("thickness", thickness_p=1.0), (28, 28))
+    assert not torch.equal(thick(x), x.float() / 255)
+    jitter = torchvision_transform(only("jitter", brightness=0.0, contrast=0.5, jitter_p=1.0), (28, 28))
+    ratios = torch.stack([jitter(x).sum() / (x.float() / 255).sum() for _ in range(200)])
+    assert 0.5 - 1e-3 <= float(ratios.min()) < 0.7 and 1.3 < float(ratios.max()) <= 1.5 + 1e-3
+
+
+def test_erasing_with_the_torchvision_loader_is_honoured():
+    """--erase-p with --loader torchvision: torchvision's RandomErasing with the config's p and area range."""
+    cfg = AugConfig(erase_p=0.5, erase_scale=(0.05, 0.2))
+    erase, p = _steps(torchvision_transform(cfg, (28, 28)))["RandomErasing"]
+    assert p == 0.5 and tuple(erase.scale) == (0.05, 0.2) and erase.value == [0.0]
+
+
+def test_a_setting_torchvision_cannot_express_is_refused_not_dropped():
+    assert "elastic_kernel" in TORCHVISION_UNSUPPORTED
+    with pytest.raises(FastclrError, match="--loader torchvision cannot honour --elastic-kernel 9.*--loader device"):
+        torchvision_transform(AugConfig(elastic_kernel=9), (28, 28))
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_fused_pipeline_honours_every_recipe_setting(recipe):
+    """SimCLRAugment's fused ops read the recipe's AugConfig: its warp holds the config, and the thickness,
+    jitter, blur and erasing steps exist exactly where their settings switch them on, with their values."""
+    from fastclr.augment import SimCLRAugment
+
+    cfg = _recipe_aug(recipe)
+    ops = {type(m).__name__: m for m in SimCLRAugment(cfg).ops}
+    assert ops["FusedWarp"].cfg is cfg and ops["FusedWarp"].steps == {"crop", "affine", "elastic"} | (
+        {"flip"} if cfg.hflip_p else set())
+    assert ops["RandomThickness"].p == cfg.thickness_p
+    assert ("RandomIntensity" in ops) == cfg.has_jitter
+    if cfg.has_jitter:
+        m = ops["RandomIntensity"]
+        assert (m.brightness, m.contrast, m.p) == (cfg.brightness, cfg.contrast, cfg.jitter_p)
+    assert ("RandomBlur" in ops) == (cfg.blur_p > 0)
+    if cfg.blur_p:
+        assert (ops["RandomBlur"].p, ops["RandomBlur"].sigma) == (cfg.blur_p, tuple(cfg.blur_sigma))

@@ -182,18 +182,15 @@ def test_runtime_turns_kernels_on_for_cpu():
 
 def _warps():
     """FusedWarp configurations: every frame combination, both padding modes, a non-square resize."""
-    import kornia.augmentation as K
+    from conftest import only
 
     from fastclr.warp import FusedWarp
 
-    crop = lambda size: K.RandomResizedCrop(size, scale=(0.6, 1.0))      # noqa: E731
-    affine = K.RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10, p=1.0)
-    elastic = K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=0.8)
-    return {"all": FusedWarp(crop((28, 28)), affine, elastic, (28, 28)),
-            "no-crop (zero padding)": FusedWarp(None, affine, elastic, (28, 28)),
-            "crop+affine": FusedWarp(crop((28, 28)), affine, None, (28, 28)),
-            "crop+elastic": FusedWarp(crop((28, 28)), None, elastic, (28, 28)),
-            "resize to 20x36": FusedWarp(crop((20, 36)), affine, elastic, (20, 36))}
+    return {"all": FusedWarp(only("crop", "affine", "elastic")),
+            "no-crop (zero padding)": FusedWarp(only("affine", "elastic")),
+            "crop+affine": FusedWarp(only("crop", "affine")),
+            "crop+elastic": FusedWarp(only("crop", "elastic")),
+            "resize to 20x36": FusedWarp(only("crop", "affine", "elastic"), (20, 36))}
 
 
 @needs_kernels
@@ -216,15 +213,14 @@ def test_warp_sample_equals_fused_warps_pytorch_ops(name, kernel_calls):
 @needs_kernels
 def test_warp_with_kornias_dense_noise_uses_pytorch_ops():
     """The exact (per-pixel noise) elastic field has no low-rank core: FusedWarp keeps PyTorch's ops."""
-    import kornia.augmentation as K
+    from conftest import only
 
     from fastclr.warp import FusedWarp
 
-    fw = FusedWarp(None, None, K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=1.0), (28, 28),
-                   elastic_rank=None, cpu_kernel=True)
+    fw = FusedWarp(only("elastic", elastic_p=1.0), elastic_rank=None, cpu_kernel=True)
     x = torch.rand(4, 1, 28, 28)
     params = fw.draw(x.shape)
-    grid, inside = fw.grid(x, params)
+    grid, inside = fw.maps(fw.plan(x, params))
     torch.testing.assert_close(fw(x, params), F.grid_sample(x, grid, align_corners=True))
 
 
@@ -269,7 +265,7 @@ def test_compiled_runs_keep_the_kernels(monkeypatch):
 
 def _op_samples():
     """(op, args) for every kernel op, at small shapes; autograd inputs where training needs a gradient."""
-    import kornia.augmentation as K
+    from conftest import only
 
     from fastclr.warp import FusedWarp
 
@@ -277,8 +273,7 @@ def _op_samples():
     pool_x = [torch.randn(2, 16, 4, 6, generator=g).to(dt).contiguous(memory_format=torch.channels_last)
               .requires_grad_() for dt in (torch.float32, torch.bfloat16)]
     conv = torch.nn.Conv2d(1, 16, 3, padding=1)
-    fw = FusedWarp(K.RandomResizedCrop((28, 28), scale=(0.6, 1.0)), K.RandomAffine(15.0, p=1.0),
-                   K.RandomElasticTransform((15, 15), (4.0, 4.0), (0.5, 0.5), p=1.0), (28, 28))
+    fw = FusedWarp(only("crop", "affine", "elastic", translate=0.0, shear=0.0, zoom=(1.0, 1.0), elastic_p=1.0))
     x = torch.rand(3, 1, 28, 28, generator=g)
     plan = fw.plan(x, fw.draw(x.shape))
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())

@@ -1,9 +1,7 @@
-import dataclasses
-
 import pytest
 
-from fastclr.backend import FastclrError
-from fastclr.config import TrainConfig, build_parser, given_flags, resolve_config
+from fastclr.errors import FastclrError
+from fastclr.config import TrainConfig, build_parser, given_flags, leaf_fields, resolve_config
 from fastclr.recipes import DATASET_RECIPE, RECIPES
 
 
@@ -13,34 +11,34 @@ def resolve(argv, **kw):
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_names_real_fields_and_validates(name):
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in leaf_fields()}
     assert set(RECIPES[name].settings) <= fields
     cfg = resolve(["--recipe", name])
     cfg.validate()
     assert cfg.recipe == name
     for key, value in RECIPES[name].settings.items():
-        assert getattr(cfg, key) == value
+        assert cfg.to_dict()[key] == value
 
 
 def test_no_flags_give_the_mnist_recipe_which_is_the_dataclass_defaults():
-    assert resolve([]) == TrainConfig()
+    assert resolve([]) == TrainConfig(recipe="mnist")
     assert RECIPES["mnist"].settings == {}
 
 
 def test_the_dataset_picks_its_own_recipe():
     cfg = resolve(["--dataset", "fashion-mnist"])
     assert cfg.recipe == "fashion-mnist" == DATASET_RECIPE["fashion-mnist"]
-    assert cfg.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"] > 0
+    assert cfg.augment.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"] > 0
     assert resolve(["--dataset", "mnist"]).recipe == "mnist"
 
 
 def test_flags_override_the_recipe_even_when_they_equal_the_dataclass_default():
     cfg = resolve(["--recipe", "fashion-mnist", "--epochs", "1", "--thickness-p", "0.5", "--hflip-p", "0"])
-    assert (cfg.epochs, cfg.thickness_p, cfg.hflip_p) == (1, 0.5, 0.0)
+    assert (cfg.epochs, cfg.augment.thickness_p, cfg.augment.hflip_p) == (1, 0.5, 0.0)
     assert cfg.dataset == "fashion-mnist"
     # a recipe on the other dataset: the flag wins, the rest of the recipe stays
     cfg = resolve(["--recipe", "fashion-mnist", "--dataset", "mnist"])
-    assert cfg.dataset == "mnist" and cfg.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"]
+    assert cfg.dataset == "mnist" and cfg.augment.hflip_p == RECIPES["fashion-mnist"].settings["hflip_p"]
 
 
 def test_boolean_flags_count_as_given():

@@ -7,7 +7,8 @@ import torch
 from scipy.stats import ks_2samp
 
 from fastclr import sampling
-from fastclr.augment import SimCLRAugment
+from fastclr.augment import SimCLRAugment, kornia_modules
+from fastclr.config import AugConfig
 from fastclr.warp import FusedWarp
 
 N = 20_000
@@ -92,44 +93,76 @@ def test_coin_is_kornias_per_sample_switch():
     assert abs(float(ours.mean()) - 0.3) < 4 * (0.3 * 0.7 / N) ** 0.5
 
 
-@pytest.mark.parametrize("kw", [{}, dict(hflip_p=0.5), dict(crop_scale=(0.2, 1.0), degrees=30, translate=0.2,
-                                                             shear=(-5.0, 5.0, -3.0, 3.0))])
-def test_fused_augmentation_gives_the_same_views_with_either_sampler_on_the_cpu(kw):
+@pytest.mark.parametrize("cfg", [AugConfig(), AugConfig(hflip_p=0.5),
+                                 AugConfig(crop_min=0.2, degrees=30, translate=0.2, shear=20.0, zoom=(0.7, 1.3))])
+def test_the_warps_draws_equal_kornias_samplers_bit_for_bit_on_the_cpu(cfg):
     """On the CPU the device sampler consumes torch's generator exactly as Kornia's samplers do, so seeded runs
-    (and every result measured with Kornia's samplers) are unchanged."""
-    x = torch.rand(256, 1, 28, 28)
-    aug = SimCLRAugment(**kw)
-    warp = next(m for m in aug.modules() if isinstance(m, FusedWarp))
+    (and every result measured with Kornia's samplers) are unchanged: flip, crop and affine parameters equal."""
+    mods = kornia_modules(cfg)
     torch.manual_seed(3)
-    ours = aug(x)
-    warp.sampler = "kornia"
+    ours = FusedWarp(cfg).draw(torch.Size((256, 1, 28, 28)))
     torch.manual_seed(3)
-    theirs = aug(x)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    theirs = {k: mods[k].forward_parameters(torch.Size((256, 1, 28, 28))) for k in ("flip", "crop", "affine")
+              if k in mods}
+    for step, params in theirs.items():
+        for key, value in params.items():
+            if key in ours[step]:
+                assert torch.equal(ours[step][key].float(), value.float()), (step, key)
 
 
 def test_every_parameter_is_drawn_on_the_images_device():
     """On the meta device nothing can be read back or copied from the host: every parameter lands there."""
-    aug = SimCLRAugment(hflip_p=0.5)
-    warp = next(m for m in aug.modules() if isinstance(m, FusedWarp))
-    params = warp.draw(torch.Size((64, 1, 28, 28)), torch.device("meta"))
+    from fastclr.augment import RandomBlur, RandomErase
+
+    meta = torch.device("meta")
+    params = FusedWarp(AugConfig(hflip_p=0.5)).draw(torch.Size((64, 1, 28, 28)), meta)
+    params["blur"] = RandomBlur().draw(64, meta)
+    params["erase"] = RandomErase().draw(64, (28, 28), meta)
     tensors = [v for group in params.values() for v in group.values()]
-    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert len(tensors) > 10 and all(t.device.type == "meta" for t in tensors)
 
 
-def test_unknown_sampler_is_an_error():
-    with pytest.raises(ValueError, match="sampler"):
-        FusedWarp(None, None, None, (28, 28), sampler="numpy")
+@pytest.mark.parametrize("scale", [(0.02, 0.1), (0.1, 0.4)])
+def test_erase_boxes_match_kornias_rectangle_sampler(scale):
+    from kornia.augmentation.random_generator import RectangleEraseGenerator
+
+    from fastclr.augment import ERASE_RATIO
+
+    gen = RectangleEraseGenerator(scale, ERASE_RATIO)
+    gen.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+    torch.manual_seed(5)
+    theirs = gen(SHAPE)
+    torch.manual_seed(6)
+    ours = sampling.erase_boxes(N, (28, 28), scale, ERASE_RATIO, "cpu")
+    for key in ("xs", "ys", "widths", "heights"):
+        assert ks(ours[key], theirs[key]) > P_SAME, key
+        assert float(ours[key].min()) >= 0
+    assert float((ours["xs"] + ours["widths"]).max()) <= 28 and float((ours["ys"] + ours["heights"]).max()) <= 28
+    # the test has power: boxes from a 10% larger area range are told apart
+    wrong = sampling.erase_boxes(N, (28, 28), (scale[0] * 1.1, scale[1] * 1.1), ERASE_RATIO, "cpu")
+    assert ks(wrong["widths"] * wrong["heights"], theirs["widths"] * theirs["heights"]) < P_WRONG
+
+
+def test_blur_sigma_matches_kornias_sampler():
+    from fastclr.augment import RandomBlur
+
+    blur = K.RandomGaussianBlur((3, 3), sigma=(0.1, 1.0), p=1.0)
+    torch.manual_seed(7)
+    theirs = blur.forward_parameters(SHAPE)["sigma"]
+    torch.manual_seed(8)
+    ours = RandomBlur((0.1, 1.0), p=1.0).draw(N, "cpu")["sigma"]
+    assert ks(ours, theirs) > P_SAME
+    assert ks(ours * 1.05, theirs) < P_WRONG
 
 
 @pytest.mark.gpu
 def test_fused_augmentation_captures_in_a_cuda_graph_and_makes_no_host_sync():
-    """On CUDA the whole fused augmentation (device sampling, plan, warp, jitter) runs without a synchronising
+    """On CUDA the whole fused augmentation (device sampling, plan, warp, jitter, blur, erasing) runs without a synchronising
     op, and a CUDA graph captures it: a capture fails on any host sync or host-to-device copy. Replays draw
     fresh parameters (the graph advances the generator's offset), so two replays differ."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    aug = SimCLRAugment(hflip_p=0.5, brightness=0.2, contrast=0.3, thickness_p=0.5, elastic_p=0.8)
+    aug = SimCLRAugment(AugConfig(hflip_p=0.5, brightness=0.2, contrast=0.3, blur_p=0.5, erase_p=0.5))
     x = torch.rand(512, 1, 28, 28, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

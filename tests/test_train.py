@@ -7,25 +7,11 @@ import pytest
 import torch
 
 from conftest import train_cli
-from fastclr.config import TrainConfig, build_parser, config_from_args
+from fastclr.config import TrainConfig
 from fastclr.checkpoint import read_checkpoint
-from fastclr.train import lr_factor, train
+from fastclr.train import train
 
 FAST = dict(width=4, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=32, eval=False)
-
-
-
-def test_cli_mirrors_the_config_dataclass():
-    cfg = config_from_args(build_parser().parse_args(["--batch-size", "64", "--amp", "--no-pixel-knn",
-                                                      "--loss-impl", "tiled"]))
-    assert cfg.batch_size == 64 and cfg.amp and not cfg.pixel_knn and cfg.loss_impl == "tiled"
-    assert config_from_args(build_parser().parse_args([])) == TrainConfig()
-
-
-def test_lr_schedule():
-    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
-    assert lr_factor(100, 10, 100) == pytest.approx(0.0)
 
 
 @pytest.mark.slow
