@@ -77,43 +77,43 @@ static void pad_normalised(const float* x, int H, int W, float mean, float inv_s
 }
 
 /* 2x2 max-pool then ReLU. x (N, H, W, C) -> out (N, H/2, W/2, C), idx (N, H/2, W/2, C) window positions. */
-void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* out, int out_bf, uint8_t* idx) {
-    int H2 = H / 2, W2 = W / 2;
-    #pragma omp parallel for schedule(static)
-    for (long r = 0; r < (long)N * H2; r++) {
-        long n = r / H2, i = r % H2;
-        v16 zero = {0};
-        for (int j = 0; j < W2; j++)
-            for (int cb = 0; cb < C; cb += 16) {
-                long i00 = ((n * H + 2 * i) * W + 2 * j) * C + cb, i10 = i00 + (long)W * C, o = (r * W2 + j) * C + cb;
-                i16v k;
-                v16 m = argmax4(ld(x, i00, x_bf), ld(x, i00 + C, x_bf), ld(x, i10, x_bf), ld(x, i10 + C, x_bf), &k);
-                st(out, o, sel(m > zero, m, zero), out_bf);
-                st_idx(idx + o, k);
-            }
+/* Every 2x2 window of an (N, H, W, C) tensor, 16 channels at a time, in parallel over pooled rows: the body sees
+ * i00 / i10, the window's top-left and bottom-left elements, o, the pooled element, and zero. */
+#define FOR_EACH_POOL_WINDOW(...)                                                                              \
+    int H2 = H / 2, W2 = W / 2;                                                                                \
+    _Pragma("omp parallel for schedule(static)")                                                               \
+    for (long r = 0; r < (long)N * H2; r++) {                                                                  \
+        long n = r / H2, i = r % H2;                                                                           \
+        v16 zero = {0};                                                                                        \
+        for (int j = 0; j < W2; j++)                                                                           \
+            for (int cb = 0; cb < C; cb += 16) {                                                               \
+                long i00 = ((n * H + 2 * i) * W + 2 * j) * C + cb, i10 = i00 + (long)W * C;                   \
+                long o = (r * W2 + j) * C + cb;                                                                \
+                __VA_ARGS__                                                                                    \
+            }                                                                                                  \
     }
+
+void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* out, int out_bf, uint8_t* idx) {
+    FOR_EACH_POOL_WINDOW(
+        i16v k;
+        v16 m = argmax4(ld(x, i00, x_bf), ld(x, i00 + C, x_bf), ld(x, i10, x_bf), ld(x, i10 + C, x_bf), &k);
+        st(out, o, sel(m > zero, m, zero), out_bf);
+        st_idx(idx + o, k);
+    )
 }
 
 /* Gradient of pool_relu_fwd: g, out, idx (N, H/2, W/2, C) -> gx (N, H, W, C), every element written. */
 void pool_relu_bwd(const void* g, int g_bf, const void* out, int out_bf, const uint8_t* idx,
                    int N, int H, int W, int C, void* gx, int gx_bf) {
-    int H2 = H / 2, W2 = W / 2;
-    #pragma omp parallel for schedule(static)
-    for (long r = 0; r < (long)N * H2; r++) {
-        long n = r / H2, i = r % H2;
-        v16 zero = {0};
-        for (int j = 0; j < W2; j++)
-            for (int cb = 0; cb < C; cb += 16) {
-                long i00 = ((n * H + 2 * i) * W + 2 * j) * C + cb, i10 = i00 + (long)W * C, o = (r * W2 + j) * C + cb;
-                v16 gv = ld(g, o, g_bf);
-                gv = sel(ld(out, o, out_bf) > zero, gv, zero);
-                i16v k = ld_idx(idx + o);
-                st(gx, i00, route(gv, k, 0), gx_bf);
-                st(gx, i00 + C, route(gv, k, 1), gx_bf);
-                st(gx, i10, route(gv, k, 2), gx_bf);
-                st(gx, i10 + C, route(gv, k, 3), gx_bf);
-            }
-    }
+    FOR_EACH_POOL_WINDOW(
+        v16 gv = ld(g, o, g_bf);
+        gv = sel(ld(out, o, out_bf) > zero, gv, zero);
+        i16v k = ld_idx(idx + o);
+        st(gx, i00, route(gv, k, 0), gx_bf);
+        st(gx, i00 + C, route(gv, k, 1), gx_bf);
+        st(gx, i10, route(gv, k, 2), gx_bf);
+        st(gx, i10 + C, route(gv, k, 3), gx_bf);
+    )
 }
 
 /* conv 3x3 (one input channel, zero padding 1) of (x - mean) * inv_std, + bias, 2x2 max-pool, ReLU.
