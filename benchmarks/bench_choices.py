@@ -82,7 +82,7 @@ def test_adamw(benchmark, fused):
         pytest.skip("this torch has no fused AdamW on the CPU")
     benchmark.group = "adamw-cpu"
     describe(benchmark, "fused AdamW" if fused else "foreach AdamW", baseline=not fused)
-    params = list(build_model("tutorial", 16, 128, 256, 64, 0.13, 0.31).parameters())
+    params = list(build_model("tutorial", 16, 128, 256, 64, (0.13, 0.31)).parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, 1e-3, fused=fused, foreach=None if fused else True)

@@ -134,8 +134,11 @@ class RandomThickness(nn.Module):
         u = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
         # one max filter for both: erosion is -dilate(-x), so filter sign * x with sign -1 for the eroded samples
         sign = torch.where(u < self.p / 2, 1.0, -1.0)
-        if self.cpu_kernel and kernels.view_kernels_supported(x):
-            return kernels.thickness(x, torch.where(u < self.p, sign, 0.0).view(-1))
+        b, c = x.shape[:2]
+        flat = x.reshape(b * c, 1, *x.shape[2:])    # the kernel takes one channel: C channels are C samples
+        if self.cpu_kernel and kernels.view_kernels_supported(flat):
+            chosen = torch.where(u < self.p, sign, 0.0).view(-1)
+            return kernels.thickness(flat, chosen.repeat_interleave(c) if c > 1 else chosen).view(x.shape)
         return torch.where(u < self.p, sign * _max3x3(sign * x), x)
 
 

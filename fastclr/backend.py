@@ -291,6 +291,19 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
     )
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device``: CUDA's free memory, or the host's available memory (MemAvailable) for the CPU;
+    None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (timers must call this before reading the clock)."""
     if device.type == "cuda":

@@ -34,11 +34,12 @@ FIXED, FREE = "fixed", "free"     # may a resumed run change the setting?
 
 
 def setting(default, help: str, resume: str, choices=None, lo=None, hi=None, lo_open: bool = False,
-            flag: str | None = None):
-    """A dataclass field carrying its CLI help, choices, bounds and resume rule (see the module docstring)."""
+            aliases: tuple[str, ...] = ()):
+    """A dataclass field carrying its CLI help, choices, bounds, resume rule and other flag names (see the module
+    docstring)."""
     if resume not in (FIXED, FREE):
         raise ValueError(f"resume must be FIXED or FREE, got {resume!r}")
-    meta = dict(help=help, resume=resume, choices=choices, lo=lo, hi=hi, lo_open=lo_open)
+    meta = dict(help=help, resume=resume, choices=choices, lo=lo, hi=hi, lo_open=lo_open, aliases=aliases)
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,6 +94,18 @@ class AugConfig:
     def has_jitter(self) -> bool:
         return (self.brightness > 0 or self.contrast > 0) and self.jitter_p > 0
 
+    def scaled_to(self, size: tuple[int, int]) -> "AugConfig":
+        """The settings for images of ``size`` (H, W): the elastic field's sigma and kernel are pixel sizes tuned
+        at 28 px, so they scale by min(H, W) / 28 (its alpha is already relative to the image). The crop, affine
+        and erasing ranges are fractions of the image; the blur (3 x 3) and the stroke-thickness filter (one
+        pixel of dilation or erosion) stay as they are: both were chosen on 28 px strokes, and a wider filter
+        at larger sizes is a different augmentation that no recipe has measured yet."""
+        s = min(size) / 28
+        if s == 1:
+            return self
+        kernel = max(3, int(round(self.elastic_kernel * s)) | 1)
+        return dataclasses.replace(self, elastic_sigma=self.elastic_sigma * s, elastic_kernel=kernel)
+
 
 @dataclass
 class TrainConfig:
@@ -105,10 +118,20 @@ class TrainConfig:
                                                  "or fashion-mnist); flags given with it override its fields", FREE,
                                            choices=list(recipes.RECIPES))
     # data
-    dataset: str = setting("mnist", "dataset to train on", FIXED, choices=["mnist", "fashion-mnist"])
-    data_dir: typing.Optional[str] = setting(None, "dataset root holding MNIST/raw or FashionMNIST/raw "
+    dataset: str = setting("mnist", "what to train on: a built-in dataset (mnist, fashion-mnist, kmnist, cifar10, "
+                                    "cifar100, svhn, stl10), an image folder (train/ and test/ of class folders, one "
+                                    "tree of class folders, or images alone: unlabeled) or an .npz file (MedMNIST's "
+                                    "or Keras's keys); fastclr.sources", FIXED, aliases=("--data",))
+    data_dir: typing.Optional[str] = setting(None, "root of the built-in datasets, e.g. holding MNIST/raw "
                                                    "(default: $FASTCLR_DATA, else ./data; downloaded when missing)",
                                              FREE)
+    image_size: int = setting(0, "resize every image to N x N once, at load, without cropping (0: as stored; "
+                                 "needed for images of mixed sizes)", FIXED, lo=0)
+    channels: int = setting(0, "1 or 3: convert every image to greyscale or RGB (0: as stored; RGBA and palette "
+                               "images become RGB)", FIXED, choices=[0, 1, 3])
+    test_fraction: float = setting(0.1, "the share of each class held out for evaluation where a source has no "
+                                        "test split (stratified, seeded by --seed)", FIXED, lo=0.0, hi=0.5,
+                                   lo_open=True)
     train_subset: int = setting(0, "train on the first N training images only (0: all); for quick tests", FIXED, lo=0)
     # the view pipeline: which code draws the views of ``augment``
     loader: str = setting("device", "device: the whole uint8 dataset on the device, views drawn there in blocks; "
@@ -217,12 +240,19 @@ class TrainConfig:
                 yield self, f
 
     def validate(self) -> None:
-        """Raise FastclrError for a setting outside its choices or bounds (the CLI prints it as one line)."""
+        """Raise FastclrError for a setting outside its choices or bounds, or a dataset that is neither built in
+        nor an existing path (the CLI prints it as one line)."""
+        from .sources import BUILT_IN, is_source
+
+        if not is_source(self.dataset):
+            raise FastclrError(f"--dataset {self.dataset!r} is unknown: neither a built-in dataset "
+                               f"({', '.join(BUILT_IN)}) nor an existing image folder or .npz file")
         for owner, f in self._leaves():
             value = getattr(owner, f.name)
             choices = f.metadata["choices"]
             if choices and value is not None and value not in choices:
-                raise FastclrError(f"{_flag(f.name)} {value!r} is unknown; choose one of: {', '.join(choices)}")
+                raise FastclrError(f"{_flag(f.name)} {value!r} is unknown; choose one of: "
+                                   f"{', '.join(map(str, choices))}")
             for v in (value if isinstance(value, tuple) else (value,)):
                 _check_bounds(f, v)
             if isinstance(value, tuple) and not (len(value) == 2 and value[0] <= value[1]):
@@ -278,16 +308,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, names=None, defaults: dic
             continue
         default = defaults[f.name] if defaults is not None and f.name in defaults else default_of(f)
         tp, help = _arg_type(f), f.metadata["help"]
+        flags = (_flag(f.name), *f.metadata["aliases"])
         if tp is bool:
-            parser.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction, help=help)
+            parser.add_argument(*flags, default=default, action=argparse.BooleanOptionalAction, help=help)
         elif tp is tuple:
-            parser.add_argument(_flag(f.name), type=float, nargs=2, default=default, metavar=("MIN", "MAX"),
-                                help=help)
+            parser.add_argument(*flags, type=float, nargs=2, default=default, metavar=("MIN", "MAX"), help=help)
         else:
             # choices are checked by TrainConfig.validate, so the error reads the same from Python and CLI
             choices = f.metadata["choices"]
-            parser.add_argument(_flag(f.name), type=tp, default=default,
-                                help=help + (f" {{{', '.join(choices)}}}" if choices else ""))
+            parser.add_argument(*flags, type=tp, default=default, dest=f.name,
+                                help=help + (f" {{{', '.join(map(str, choices))}}}" if choices else ""))
 
 
 def build_parser(prog: str = "python -m fastclr.train", description: str = "") -> argparse.ArgumentParser:

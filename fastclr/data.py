@@ -298,7 +298,7 @@ def torchvision_transform(cfg: AugConfig, size: tuple[int, int], identity: bool 
 
     if identity:
         return v2.ToDtype(torch.float32, scale=True)
-    default = AugConfig()
+    default = AugConfig().scaled_to(size)
     for name, why in TORCHVISION_UNSUPPORTED.items():
         if getattr(cfg, name) != getattr(default, name):
             raise FastclrError(f"--loader torchvision cannot honour --{name.replace('_', '-')} "

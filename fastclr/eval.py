@@ -225,24 +225,32 @@ TSNE_BACKENDS = {"sklearn": _tsne_sklearn, "cuml": _tsne_cuml}
 
 
 def tsne(x: Tensor, backend: str = "auto", perplexity: float = 30.0, seed: int = 0, pca_dim: int = 50) -> np.ndarray:
-    """2-D t-SNE of embeddings (PCA to ``pca_dim`` first). (N, D) -> (N, 2) numpy."""
+    """2-D t-SNE of embeddings (PCA to ``pca_dim`` first). (N, D) -> (N, 2) numpy. The perplexity is capped at
+    (N - 1) / 3 (t-SNE needs about three times as many neighbours as the perplexity), so a small set still plots."""
     name = resolve_tsne_backend(backend, x.device)
     pts = pca(x.float(), pca_dim).cpu().numpy().astype(np.float32)
-    return TSNE_BACKENDS[name](pts, perplexity, seed)
+    return TSNE_BACKENDS[name](pts, min(perplexity, max(1.0, (len(pts) - 1) / 3)), seed)
 
 
-def plot_tsne(xy: np.ndarray, labels: np.ndarray, class_names, path: Path, title: str) -> None:
+def plot_tsne(xy: np.ndarray, labels: np.ndarray | None, class_names, path: Path, title: str) -> None:
+    """The 2-D points coloured by class (``labels`` None: unlabeled data, one colour and no legend); more than 20
+    classes share tab20's colours and the legend is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
-    cmap = plt.get_cmap("tab10")
-    for c, name in enumerate(class_names):
-        m = labels == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(c % 10), label=name, alpha=0.8)
-    ax.legend(markerscale=4, fontsize=8, loc="best", frameon=True)
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, color="tab:blue", alpha=0.6)
+    else:
+        names = list(class_names or (str(c) for c in range(int(labels.max()) + 1)))
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for c, name in enumerate(names):
+            m = labels == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(c % cmap.N), label=name, alpha=0.8)
+        if len(names) <= 20:
+            ax.legend(markerscale=4, fontsize=8, loc="best", frameon=True)
     ax.set_title(title)
     ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
@@ -261,6 +269,8 @@ def evaluate(encoder, data: dict, runtime: Runtime, cfg, out_dir: Path | None = 
     """
     k, knn_temperature, seed = cfg.knn_k, cfg.knn_temperature, cfg.seed
     dev = runtime.device
+    if data["train_y"] is None or data["test_y"] is None:
+        return _evaluate_unlabeled(encoder, data, runtime, cfg, out_dir, log)
     metrics: dict = {}
     t0 = time.perf_counter()
     train_h = embed(encoder, data["train_x"], dev, autocast=runtime.autocast())
@@ -300,11 +310,28 @@ def evaluate(encoder, data: dict, runtime: Runtime, cfg, out_dir: Path | None = 
     return metrics
 
 
+def _evaluate_unlabeled(encoder, data: dict, runtime: Runtime, cfg, out_dir: Path | None, log) -> dict:
+    """No labels: k-NN and the linear probe cannot be scored, so only the t-SNE plot of training embeddings."""
+    log("k-NN, raw-pixel k-NN and the linear probe skipped: the data has no labels (or no test split)")
+    metrics = {"evaluation_skipped": "no labels"}
+    if cfg.tsne_points and out_dir is not None:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed)
+        sub = torch.randperm(len(data["train_x"]), generator=g)[:cfg.tsne_points]
+        h = embed(encoder, data["train_x"][sub], runtime.device, autocast=runtime.autocast())
+        plot_tsne(tsne(h, backend=runtime.tsne_backend, seed=cfg.seed), None, None, out_dir / "tsne.png",
+                  f"t-SNE of {len(sub)} training embeddings (unlabeled)")
+        metrics["tsne_seconds"] = time.perf_counter() - t0
+        log(f"t-SNE of {len(sub)} training points ({runtime.tsne_backend}) -> {out_dir / 'tsne.png'}  "
+            f"[{metrics['tsne_seconds']:.1f}s]")
+    return metrics
+
+
 # --------------------------------------------------------------------------- CLI
 
-# the run settings fastclr.eval takes; each defaults to the checkpoint's value (--device: auto, as a checkpoint
-# moves between machines)
-EVAL_SETTINGS = ("data_dir", "device", "amp", "knn_k", "knn_temperature", "knn_backend", "tsne_backend",
+# the run settings fastclr.eval takes; each defaults to the checkpoint's value (--dataset: the source the run
+# trained on; --device: auto, as a checkpoint moves between machines)
+EVAL_SETTINGS = ("dataset", "data_dir", "device", "amp", "knn_k", "knn_temperature", "knn_backend", "tsne_backend",
                  "probe_backend", "tsne_points", "pixel_knn", "linear_probe")
 
 
@@ -333,16 +360,16 @@ def eval_config(args: argparse.Namespace, saved: dict):
 
 def run_eval(args: argparse.Namespace) -> dict:
     from .checkpoint import read_checkpoint, saved_config
-    from .data import dataset_info, load_dataset
     from .model import load_encoder
+    from .sources import SourceSpec, load_source
 
     cfg = eval_config(args, saved_config(read_checkpoint(args.checkpoint)))
     runtime = make_runtime(cfg.device, amp=cfg.amp, knn_backend=cfg.knn_backend, tsne_backend=cfg.tsne_backend,
                            probe_backend=cfg.probe_backend)
-    train_x, train_y = load_dataset(cfg.dataset, cfg.data_dir, train=True)
-    test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir, train=False)
-    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                classes=dataset_info(cfg.dataset).classes)
+    source = load_source(SourceSpec.of(cfg))
+    for note in source.notes:
+        print(note)
+    data = source.for_eval()
     encoder = load_encoder(args.checkpoint).to(runtime.device)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir.mkdir(parents=True, exist_ok=True)

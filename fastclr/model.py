@@ -27,32 +27,53 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
 
 
-def _tutorial_body(embed_dim: int) -> tuple[nn.Module, int]:
+MAX_CELLS = 49     # the largest final map flattened as it is (7 x 7: MNIST's, at 28 pixels)
+
+
+def _final_grid(image_size: tuple[int, int]) -> tuple[list[nn.Module], int]:
+    """What follows the last conv stage (the image pooled twice, H/4 x W/4): nothing where that map has at most
+    49 cells, else an average pool of stride k = ceil(max side / 7) (to at most 7 x 7). Small images are
+    flattened because on digits and clothing *where* a stroke or an edge is carries information that a
+    global pool throws away; large ones are pooled so the linear layer stays the size it has at 28 pixels.
+    Returns the layers and the grid's cell count."""
+    fh, fw = image_size[0] // 4, image_size[1] // 4
+    if fh < 1 or fw < 1:
+        raise FastclrError(f"images of {image_size[0]}x{image_size[1]} pixels are too small for the encoders "
+                           "(two 2x2 pools need at least 4x4); pass a larger --image-size")
+    if fh * fw <= MAX_CELLS:
+        return [], fh * fw
+    k = -(-max(fh, fw) // 7)
+    return [nn.AvgPool2d(k, ceil_mode=True)], (-(-fh // k)) * (-(-fw // k))
+
+
+def _tutorial_body(embed_dim: int, in_channels: int, image_size: tuple[int, int]) -> tuple[nn.Module, int]:
     """The tutorial's network: 2 convs (16, 32) each followed by ReLU and a 2x2 max-pool (applied as pool,
-    then ReLU: the same function, see above), a linear layer and a ReLU. Same parameters, same state-dict keys."""
+    then ReLU: the same function, see above), a linear layer and a ReLU. Same parameters, same state-dict keys
+    at 28 x 28."""
+    grid, cells = _final_grid(image_size)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), *_pool_relu(),
-        nn.Conv2d(16, 32, 3, padding=1), *_pool_relu(),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, embed_dim), nn.ReLU(),
+        nn.Conv2d(in_channels, 16, 3, padding=1), *_pool_relu(),
+        nn.Conv2d(16, 32, 3, padding=1), *_pool_relu(), *grid,
+        nn.Flatten(), nn.Linear(32 * cells, embed_dim), nn.ReLU(),
     ), embed_dim
 
 
-def _cnn_body(width: int, embed_dim: int) -> tuple[nn.Module, int]:
-    """3 conv-BN-ReLU stages (width, 2w, 4w) at 28, 14 and 7 pixels, then a linear layer to embed_dim.
-    BatchNorm lets SimCLR train at a high learning rate; the 7x7 map is flattened, not pooled, because
-    on 28x28 digits *where* a stroke is carries information that global pooling throws away."""
+def _cnn_body(width: int, embed_dim: int, in_channels: int, image_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """3 conv-BN-ReLU stages (width, 2w, 4w) at full, half and quarter resolution, then (see _final_grid) a
+    linear layer to embed_dim. BatchNorm lets SimCLR train at a high learning rate."""
     w = width
+    grid, cells = _final_grid(image_size)
     return nn.Sequential(
-        *_conv_bn(1, w), *_pool_relu(),
+        *_conv_bn(in_channels, w), *_pool_relu(),
         *_conv_bn(w, 2 * w), *_pool_relu(),
-        *_conv_bn(2 * w, 4 * w), nn.ReLU(inplace=True),
-        nn.Flatten(), nn.Linear(4 * w * 7 * 7, embed_dim, bias=False), nn.BatchNorm1d(embed_dim),
+        *_conv_bn(2 * w, 4 * w), nn.ReLU(inplace=True), *grid,
+        nn.Flatten(), nn.Linear(4 * w * cells, embed_dim, bias=False), nn.BatchNorm1d(embed_dim),
         nn.ReLU(inplace=True),
     ), embed_dim
 
 
 ARCHS = {
-    "tutorial": lambda width, embed_dim: _tutorial_body(embed_dim),
+    "tutorial": lambda width, embed_dim, in_channels, image_size: _tutorial_body(embed_dim, in_channels, image_size),
     "cnn": _cnn_body,
 }
 
@@ -60,19 +81,29 @@ ARCHS = {
 class Encoder(nn.Module):
     """Maps float images in [0, 1] to embeddings; the dataset normalisation lives inside.
 
+    Args:
+        mean, std: the training pixels' statistics: one number (every channel alike, as for MNIST), or one per
+            channel.
+        in_channels, image_size: the input's C and (H, W) (checkpoints written before these existed were
+            1 x 28 x 28, their defaults).
+
     Shape:
-        x: (B, 1, 28, 28) float in [0, 1]. Output: (B, embed_dim).
+        x: (B, in_channels, *image_size) float in [0, 1]. Output: (B, embed_dim).
     """
 
-    def __init__(self, arch: str = "cnn", width: int = 16, embed_dim: int = 128,
-                 mean: float = 0.1307, std: float = 0.3081):
+    def __init__(self, arch: str = "cnn", width: int = 16, embed_dim: int = 128, mean=0.1307, std=0.3081,
+                 in_channels: int = 1, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
         if arch not in ARCHS:
             raise FastclrError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-        self.hparams = dict(arch=arch, width=width, embed_dim=embed_dim, mean=mean, std=std)
-        self.body, self.out_dim = ARCHS[arch](width, embed_dim)
-        self.register_buffer("mean", torch.tensor(mean))
-        self.register_buffer("std", torch.tensor(std))
+        image_size = tuple(image_size)
+        self.hparams = dict(arch=arch, width=width, embed_dim=embed_dim, mean=mean, std=std,
+                            in_channels=in_channels, image_size=image_size)
+        self.body, self.out_dim = ARCHS[arch](width, embed_dim, in_channels, image_size)
+        # a number stays a 0-d buffer (every checkpoint before per-channel statistics holds one); a sequence is
+        # (C, 1, 1), broadcast over (B, C, H, W)
+        self.register_buffer("mean", _stat(mean, in_channels))
+        self.register_buffer("std", _stat(std, in_channels))
         self.cpu_kernels = False    # set by fastclr.train from the Runtime (fastclr.backend decides)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,7 +119,8 @@ class Encoder(nn.Module):
         i = 0
         if _is_pool_relu(layers, 1) and isinstance(layers[0], nn.Conv2d) \
                 and kernels.conv3x3_pool_relu_supported(x, layers[0]):
-            x, i = kernels.conv3x3_pool_relu(x, layers[0], self.hparams["mean"], self.hparams["std"]), 3
+            x, i = kernels.conv3x3_pool_relu(x, layers[0], _scalar(self.hparams["mean"]),
+                                             _scalar(self.hparams["std"])), 3
         else:
             x = (x - self.mean) / self.std
         while i < len(layers):
@@ -97,6 +129,19 @@ class Encoder(nn.Module):
             else:
                 x, i = layers[i](x), i + 1
         return x
+
+
+def _stat(v, channels: int) -> Tensor:
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v))
+    if len(v) != channels:
+        raise FastclrError(f"{len(v)} per-channel statistics for {channels} channel(s)")
+    return torch.tensor([float(c) for c in v]).view(-1, 1, 1)
+
+
+def _scalar(v) -> float:
+    """A one-channel statistic as the number it was given as (the first block's kernel takes one)."""
+    return float(v) if isinstance(v, (int, float)) else float(v[0])
 
 
 def _is_pool_relu(layers: list[nn.Module], i: int) -> bool:
@@ -122,7 +167,7 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLRModel(nn.Module):
-    """Encoder + head. Shape: (B, 1, 28, 28) -> z (B, proj_dim)."""
+    """Encoder + head. Shape: (B, C, H, W) -> z (B, proj_dim)."""
 
     def __init__(self, encoder: Encoder, head: ProjectionHead):
         super().__init__()
@@ -132,16 +177,19 @@ class SimCLRModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def build_model(arch: str, width: int, embed_dim: int, proj_hidden: int, proj_dim: int,
-                mean: float, std: float, proj_bn: bool = True) -> SimCLRModel:
-    encoder = Encoder(arch, width, embed_dim, mean, std)
+def build_model(arch: str, width: int, embed_dim: int, proj_hidden: int, proj_dim: int, norm=(0.1307, 0.3081),
+                proj_bn: bool = True, input_shape: tuple[int, int, int] = (1, 28, 28)) -> SimCLRModel:
+    """Encoder + projection head. ``norm``: the pixels' (mean, std), numbers or per-channel sequences;
+    ``input_shape``: the images' (C, H, W)."""
+    encoder = Encoder(arch, width, embed_dim, norm[0], norm[1], input_shape[0], input_shape[1:])
     return SimCLRModel(encoder, ProjectionHead(encoder.out_dim, proj_hidden, proj_dim, proj_bn))
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> Encoder:
     """Rebuild the trained encoder from a checkpoint, in eval mode.
 
-    The result maps float images in [0, 1] of shape (B, 1, 28, 28) to embeddings (B, D).
+    The result maps float images in [0, 1] of shape (B, C, H, W), as trained (``encoder.hparams`` holds
+    ``in_channels`` and ``image_size``), to embeddings (B, D).
     """
     hparams, weights = encoder_state(read_checkpoint(path, map_location))
     encoder = Encoder(**hparams)

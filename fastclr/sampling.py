@@ -38,12 +38,12 @@ def resized_crop(b: int, in_size: tuple[int, int], scale: tuple[float, float], r
     """Kornia's RandomResizedCrop boxes: ``{"src": (B, 4, 2)}`` corners (x, y), inclusive, TL TR BR BL.
 
     As Kornia (and torchvision's get_params): ``tries`` candidates of area ``U(scale) * H * W`` and aspect ratio
-    ``exp(U(log ratio))`` per sample, rounded; the first that fits is kept, else the whole image (the fallback
-    for an input whose aspect ratio lies in ``ratio``); the start is uniform over the positions that fit.
+    ``exp(U(log ratio))`` per sample, rounded; the first that fits is kept, else the whole image, or, for an
+    input whose aspect ratio lies outside ``ratio``, the largest centred box at the nearest ratio in range (as
+    torchvision's ``RandomResizedCrop.get_params``); the start is uniform over the positions that fit.
     Candidate selection by ``cumsum`` and ``max`` instead of a loop: the same choice, no host sync."""
     h_in, w_in = in_size
-    if not ratio[0] <= w_in / h_in <= ratio[1]:
-        raise ValueError(f"an input of aspect ratio {w_in / h_in:.3f} outside ratio {ratio} is not supported")
+    fall_w, fall_h = _fallback_box(h_in, w_in, ratio)
     area = uniform(b, scale[0], scale[1], device, (tries,)) * (h_in * w_in)
     log_lo, log_hi = float(torch.log(torch.tensor(ratio[0]))), float(torch.log(torch.tensor(ratio[1])))  # float32
     aspect = torch.exp(uniform(b, log_lo, log_hi, device, (tries,)))
@@ -51,14 +51,27 @@ def resized_crop(b: int, in_size: tuple[int, int], scale: tuple[float, float], r
     h = torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= w_in) & (h > 0) & (h <= h_in)
     any_fits, first = ((fits.int().cumsum(1) == 1) & fits).int().max(1)
-    w = torch.where(any_fits.bool(), w.gather(1, first[:, None])[:, 0], float(w_in))
-    h = torch.where(any_fits.bool(), h.gather(1, first[:, None])[:, 0], float(h_in))
+    any_fits = any_fits.bool()
+    w = torch.where(any_fits, w.gather(1, first[:, None])[:, 0], float(fall_w))
+    h = torch.where(any_fits, h.gather(1, first[:, None])[:, 0], float(fall_h))
     x0 = (torch.rand(b, device=device) * (w_in - w + 1)).floor()
     y0 = (torch.rand(b, device=device) * (h_in - h + 1)).floor()
+    if (fall_w, fall_h) != (w_in, h_in):        # the fallback box is centred (always inside the ratio range)
+        x0 = torch.where(any_fits, x0, float((w_in - fall_w) // 2))
+        y0 = torch.where(any_fits, y0, float((h_in - fall_h) // 2))
     x1, y1 = x0 + w - 1, y0 + h - 1
     src = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                        torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], -2)
     return {"src": src}
+
+
+def _fallback_box(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) of the crop when no candidate fits: the whole image where its aspect ratio is in range."""
+    if w / h < ratio[0]:
+        return w, int(round(w / ratio[0]))
+    if w / h > ratio[1]:
+        return int(round(h * ratio[1])), h
+    return w, h
 
 
 def _symmetric(r) -> tuple[float, float]:

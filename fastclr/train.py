@@ -32,12 +32,13 @@ from .capture import CapturedStep
 from .checkpoint import (TrainState, loop_state, make_payload, read_resume_checkpoint, restore_training,
                          write_checkpoint)
 from .config import TrainConfig, build_parser, given_flags, resolve_config
-from .data import DevicePairs, PairSource, TorchvisionPairs, dataset_info, load_dataset, torchvision_transform
+from .data import DevicePairs, PairSource, TorchvisionPairs, dataset_info, torchvision_transform
 from .errors import FastclrError
 from .eval import evaluate
 from .loss import NTXentLoss
 from .model import build_model
 from .schedule import make_scheduler
+from .sources import ImageData, SourceSpec, load_source
 
 
 # --------------------------------------------------------------------------- distributed context
@@ -64,7 +65,9 @@ def init_distributed(runtime: backend.Runtime) -> Dist:
 
 # --------------------------------------------------------------------------- run folder, seeds, checkpoints
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
+def check_out_dir(cfg: TrainConfig) -> Path:
+    """The run folder, checked (a resume needs its checkpoint; another run is not overwritten), not yet made:
+    it is made once the data has been read, so that bad data leaves nothing behind."""
     out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt = out / "checkpoint.pt"
     if cfg.resume:
@@ -73,7 +76,6 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FastclrError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                            "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -145,12 +147,14 @@ def train_step(tr: Training, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor
 
 
 def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int, world_size: int = 1,
-                   ckpt: dict | None = None) -> Training:
+                   ckpt: dict | None = None, data: ImageData | None = None) -> Training:
     """Model, optimiser (AdamW, fused where available), schedule, scaler, loss and, for ``--cuda-graph``, the
-    captured step, as ``cfg`` says; a checkpoint ``ckpt`` is loaded before compiling and DDP-wrapping."""
-    info = dataset_info(cfg.dataset)
-    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, info.mean, info.std,
-                        cfg.proj_bn)
+    captured step, as ``cfg`` says; a checkpoint ``ckpt`` is loaded before compiling and DDP-wrapping. The
+    encoder takes ``data``'s image shape and normalisation (default: a built-in dataset's, 1 x 28 x 28)."""
+    norm = (data.mean, data.std) if data is not None else (dataset_info(cfg.dataset).mean,
+                                                           dataset_info(cfg.dataset).std)
+    model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, norm, cfg.proj_bn,
+                        data.shape if data is not None else (1, 28, 28))
     if world_size > 1 and runtime.device.type == "cuda":
         # BN statistics over the global batch. PyTorch's SyncBatchNorm runs on GPUs only: CPU (gloo) ranks
         # keep per-rank BN statistics (docs/reliability.md).
@@ -242,21 +246,67 @@ def make_pairs(cfg: TrainConfig, images: torch.Tensor, runtime: backend.Runtime,
     """The configured view-pair source, both drawing ``cfg.augment``'s views: the device-resident loader with
     SimCLRAugment (fused or Kornia's chain), or a DataLoader with torchvision's transforms."""
     size = tuple(images.shape[-2:])
+    aug = cfg.augment.scaled_to(size)
     if cfg.loader == "device":
-        augment = SimCLRAugment(cfg.augment, size, cfg.aug_impl, runtime.cpu_kernels) if cfg.aug \
-            else torch.nn.Identity()
-        return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed,
-                           rank=d.rank, world_size=d.world_size)
-    transform = torchvision_transform(cfg.augment, size, identity=not cfg.aug)
+        augment = SimCLRAugment(aug, size, cfg.aug_impl, runtime.cpu_kernels) if cfg.aug else torch.nn.Identity()
+        return DevicePairs(images, cfg.batch_size, runtime.device, augment, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world_size, block_views=views_per_block(cfg, images.shape[1:]))
+    transform = torchvision_transform(aug, size, identity=not cfg.aug)
     return TorchvisionPairs(images, cfg.batch_size, runtime.device, transform, cfg.workers, seed=cfg.seed,
                             rank=d.rank, world_size=d.world_size)
 
 
-def load_data(cfg: TrainConfig) -> dict:
-    train_x, train_y = load_dataset(cfg.dataset, cfg.data_dir, train=True)
-    test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir, train=False)
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                classes=dataset_info(cfg.dataset).classes)
+def load_data(cfg: TrainConfig, runtime: backend.Runtime, world_size: int, log) -> tuple[ImageData, torch.Tensor]:
+    """The source, read and checked (``fastclr.sources``), and the images SimCLR trains on; FastclrError where the
+    settings cannot work with it."""
+    data = load_source(SourceSpec.of(cfg))
+    for note in data.notes:
+        log(note)
+    train_x = data.pretrain_x if data.pretrain_x is not None else data.train_x
+    train_x = train_x[: cfg.train_subset] if cfg.train_subset else train_x
+    if len(train_x) < cfg.batch_size * world_size:
+        raise FastclrError(f"--batch-size {cfg.batch_size} x {world_size} rank(s) is larger than the "
+                           f"{len(train_x)} training images")
+    if cfg.target_knn and not data.labelled:
+        raise FastclrError(f"--target-knn needs labels, and {cfg.dataset} has none (or no test split)")
+    check_memory(train_x, cfg, runtime)
+    return data, train_x
+
+
+def kernel_paths(cfg: TrainConfig, shape) -> str:
+    """Which path each stage takes on the CPU for (C, H, W) images (fastclr.kernels' own checks decide at run
+    time; this says what they will find)."""
+    from .kernels import MAX_WIDTH
+
+    c, h, w = shape
+    views = "kernels" if cfg.aug and cfg.aug_impl == "fused" and w <= MAX_WIDTH else "PyTorch ops"
+    pool = "kernel" if (cfg.arch == "tutorial" or cfg.width % 16 == 0) and h % 4 == 0 and w % 4 == 0 else "PyTorch ops"
+    first = ("kernel" if cfg.arch == "tutorial" and c == 1 and h % 2 == 0 and w % 2 == 0 and max(h, w) <= 64
+             else "PyTorch ops")
+    return (f"warp and thickness {views}" + (f" (each of the {c} channels as a sample)" if c > 1 else "")
+            + f"; max-pool + ReLU {pool}; the tutorial net's first block {first}")
+
+
+def check_memory(train_x: torch.Tensor, cfg: TrainConfig, runtime: backend.Runtime) -> None:
+    """FastclrError naming the bytes a run needs on its device (the uint8 images, plus one block of float views
+    and the warp's buffers, about 8 floats per view pixel) where they exceed the device's free memory."""
+    view = train_x[0].numel()
+    resident = train_x.numel() if runtime.device.type != "cpu" else 0     # on the CPU the images are there already
+    need = resident + 8 * 4 * view * views_per_block(cfg, train_x.shape[1:])
+    free = backend.free_memory(runtime.device)
+    if free is not None and need > free:
+        raise FastclrError(f"the data needs about {need / 2**30:.2f} GiB on {runtime.device} ({len(train_x)} images "
+                           f"of {'x'.join(map(str, train_x.shape[1:]))} as uint8, plus the augmentation's buffers), "
+                           f"and {free / 2**30:.2f} GiB are free; use --train-subset, a smaller --image-size, or "
+                           "another device")
+
+
+def views_per_block(cfg: TrainConfig, shape) -> int:
+    """Views per augmentation call: 4,096 28 x 28 views' worth of pixels (the fused path's fixed cost per call is
+    paid once per block), at least one batch of pairs; one batch for Kornia's chain."""
+    if cfg.aug_impl != "fused" or not cfg.aug:
+        return 2 * cfg.batch_size
+    return max(2 * cfg.batch_size, 4096 * 28 * 28 // int(np.prod(shape)))
 
 
 class Clock:
@@ -284,7 +334,7 @@ class Trainer:
     State lives in ``state`` (a TrainState: what a checkpoint saves); ``pending`` holds the step losses not yet
     read back (the loop's only host sync is reading them, a block every ``--log-every`` steps)."""
 
-    def __init__(self, cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState, data: dict,
+    def __init__(self, cfg: TrainConfig, tr: Training, pairs: PairSource, state: TrainState, data: ImageData,
                  out: Path, d: Dist, t_start: float):
         self.cfg, self.tr, self.pairs, self.state, self.data, self.out, self.d = cfg, tr, pairs, state, data, out, d
         self.t_start = t_start            # --target-knn's clock: data loading, training and k-NN checks all count
@@ -369,7 +419,8 @@ class Trainer:
         """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
         cfg, st, t = self.cfg, self.state, time.perf_counter()
         knn_only = dataclasses.replace(cfg, pixel_knn=False, linear_probe=False, tsne_points=0)
-        acc = evaluate(self.tr.model.encoder, self.data, self.tr.runtime, knn_only, log=lambda *a: None)["knn_accuracy"]
+        acc = evaluate(self.tr.model.encoder, self.data.for_eval(), self.tr.runtime, knn_only,
+                       log=lambda *a: None)["knn_accuracy"]
         self.tr.model.train()
         now = time.perf_counter()
         st.knn_history.append({"step": st.step, "knn_accuracy": acc, "seconds": now - self.t_start,
@@ -407,28 +458,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
     t_start = time.perf_counter()
     cfg.validate()
     runtime, d = setup_runtime(cfg)
-    out = prepare_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
+    out = check_out_dir(cfg) if d.is_main else Path(cfg.out or ".")
     # read (and check) the checkpoint before anything slow: a refused file should fail at once
     ckpt = read_resume_checkpoint(out / "checkpoint.pt", cfg) if cfg.resume else None
     if d.is_main:
         log(f"precision: {runtime.amp_note}")
     seed_everything(cfg.seed)
-    data = load_data(cfg)
-    train_x = data["train_x"][: cfg.train_subset] if cfg.train_subset else data["train_x"]
-    if len(train_x) < cfg.batch_size * d.world_size:
-        raise FastclrError(f"--batch-size {cfg.batch_size} x {d.world_size} rank(s) is larger than the "
-                           f"{len(train_x)} training images")
+    data, train_x = load_data(cfg, runtime, d.world_size, log if d.is_main else lambda *a: None)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(cfg, train_x, runtime, d)
-    tr = build_training(cfg, runtime, total_steps(cfg, len(pairs)), d.world_size, ckpt)
+    tr = build_training(cfg, runtime, total_steps(cfg, len(pairs)), d.world_size, ckpt, data)
     state = TrainState()
     if ckpt is not None:
         state, loader_state = loop_state(ckpt)
         pairs.load_state_dict(loader_state)
         log(f"resumed {out} at epoch {state.epoch + 1}, step {state.step}")
     if d.is_main:
-        log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset} (recipe {cfg.recipe}): {len(train_x)} images, "
-            f"{len(pairs)} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size} pairs, "
-            f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
+        log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset} (recipe {cfg.recipe}): {len(train_x)} images "
+            f"of {'x'.join(map(str, train_x.shape[1:]))}, {len(pairs)} steps/epoch x {cfg.epochs} epochs, batch "
+            f"{cfg.batch_size} pairs, device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
+        if runtime.cpu_kernels:
+            log(f"CPU kernels: {kernel_paths(cfg, train_x.shape[1:])}")
     trainer = Trainer(cfg, tr, pairs, state, data, out, d, t_start)
     startup_seconds = time.perf_counter() - t_start     # data, model, optimiser: before the first step
     ended = trainer.fit()
@@ -463,7 +514,7 @@ def finish_run(trainer: Trainer, reached: bool, startup_seconds: float, log=prin
     if cfg.eval and knn_fresh and not (cfg.pixel_knn or cfg.linear_probe or cfg.tsne_points):
         metrics["knn_accuracy"] = history[-1]["knn_accuracy"]   # the last target check saw these weights
     elif cfg.eval:
-        metrics.update(evaluate(tr.model.encoder, trainer.data, runtime, cfg, out, log=log))
+        metrics.update(evaluate(tr.model.encoder, trainer.data.for_eval(), runtime, cfg, out, log=log))
     metrics.update(config=cfg.to_dict(), device=str(runtime.device), runtime=runtime.describe(),
                    torch_version=torch.__version__, kornia_version=_version("kornia"), git_commit=git_commit(),
                    out=str(out))

@@ -452,3 +452,16 @@ def test_kornia_reference_chain_is_built_from_the_same_config():
     assert tuple(elastic.flags["sigma"]) == (3.0, 3.0)
     fused = [type(m).__name__ for m in SimCLRAugment(cfg).ops]
     assert fused == ["RandomThickness", "FusedWarp", "RandomIntensity", "RandomBlur", "RandomErase"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "kornia"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 20, 36), (3, 96, 96)])
+def test_augmentation_takes_any_channels_and_size(impl, shape):
+    """Every step (flip, crop, affine, elastic, thickness, jitter, blur, erasing) on C x H x W views: the same
+    shape back, in [0, 1], a fresh view per sample."""
+    cfg = AugConfig(hflip_p=0.5, brightness=0.2, contrast=0.3, blur_p=0.5, erase_p=0.5)
+    x = torch.rand(16, *shape)
+    torch.manual_seed(0)
+    y = SimCLRAugment(cfg, impl=impl)(x) if impl == "fused" else SimCLRAugment(cfg, shape[1:], impl=impl)(x)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert len({tuple(v.flatten()[:64].mul(1000).round().int().tolist()) for v in y}) == 16

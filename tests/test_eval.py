@@ -134,6 +134,15 @@ def test_tsne_sklearn_and_plot(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_tsne_of_a_small_set_caps_the_perplexity_and_plots_unlabeled(tmp_path):
+    """20 points at the default perplexity 30 (scikit-learn refuses perplexity >= N): capped to (N - 1) / 3."""
+    x, _ = blobs(7, 10)
+    xy = tsne(x[:20], backend="sklearn")
+    assert xy.shape == (20, 2) and np.isfinite(xy).all()
+    plot_tsne(xy, None, None, tmp_path / "u.png", "unlabeled")
+    assert (tmp_path / "u.png").stat().st_size > 1000
+
+
 def test_linear_probe_backends_agree_on_blobs():
     x, y = blobs(60, 5, spread=1.5)
     tx, ty = blobs(30, 5, seed=0, spread=1.5)

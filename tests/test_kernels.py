@@ -336,3 +336,26 @@ def test_kernels_build_and_pass_their_self_check_here():
     """Where a C compiler is there, the kernels must be available: a kernel broken badly enough to fail the
     load-time self-check would otherwise only skip the tests above (with a warning), never fail them."""
     assert kernels.available()
+
+
+@needs_kernels
+def test_colour_views_take_the_kernels_channel_by_channel(kernel_calls):
+    """3-channel images: the warp and thickness kernels run on B x C one-channel samples with each sample's
+    parameters repeated per channel, equal to the PyTorch ops (warp to 1e-5, thickness exactly)."""
+    from conftest import only
+
+    from fastclr.augment import RandomThickness
+    from fastclr.warp import FusedWarp
+
+    x = torch.rand(20, 3, 32, 32)
+    fw = FusedWarp(only("flip", "crop", "affine", "elastic"))
+    torch.manual_seed(1)
+    params = fw.draw(x.shape)
+    ref = fw(x, params)
+    fw.cpu_kernel = True
+    torch.testing.assert_close(fw(x, params), ref, rtol=0, atol=1e-5)
+    torch.manual_seed(2)
+    ref = RandomThickness(1.0)(x)
+    torch.manual_seed(2)
+    assert torch.equal(RandomThickness(1.0, cpu_kernel=True)(x), ref)
+    assert kernel_calls == {"warp_sample": 1, "thickness": 1}

@@ -8,7 +8,7 @@ from fastclr.model import Encoder, build_model, load_encoder
 
 @pytest.mark.parametrize("arch", ["cnn", "tutorial"])
 def test_shapes(arch):
-    m = build_model(arch, 8, 32, 64, 16, 0.13, 0.31)
+    m = build_model(arch, 8, 32, 64, 16, (0.13, 0.31))
     z = m(torch.rand(5, 1, 28, 28))
     assert z.shape == (5, 16)
     assert m.encoder(torch.rand(5, 1, 28, 28)).shape == (5, 32)
@@ -16,7 +16,7 @@ def test_shapes(arch):
 
 def test_channels_last_gives_same_output():
     torch.manual_seed(0)
-    m = build_model("cnn", 8, 32, 64, 16, 0.13, 0.31).eval()
+    m = build_model("cnn", 8, 32, 64, 16, (0.13, 0.31)).eval()
     x = torch.rand(4, 1, 28, 28)
     ref = m(x)
     m = m.to(memory_format=torch.channels_last)
@@ -92,3 +92,49 @@ def test_cnn_body_pools_batchnormed_features_before_relu():
     reordered = nn.Sequential(*body[0:2], body[3], body[2], *body[4:6], body[7], body[6], *body[8:]).eval()
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(enc(x), reordered(x), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- any channel count and image size
+
+@pytest.mark.parametrize("arch", ["cnn", "tutorial"])
+@pytest.mark.parametrize("c, hw, pooled, cells", [(1, (28, 28), False, 49), (3, (32, 32), True, 16),
+                                                  (3, (96, 96), True, 36), (1, (8, 8), False, 4),
+                                                  (3, (20, 36), False, 45)])
+def test_encoders_take_any_channels_and_size(arch, c, hw, pooled, cells):
+    """The final map (H/4 x W/4) is flattened up to 7 x 7 cells, else average-pooled with an integer stride to at
+    most 7 x 7; the linear layer sees 4w (cnn) or 32 (tutorial) channels x that many cells."""
+    enc = Encoder(arch, 8, 24, mean=[0.5] * c if c > 1 else 0.5, std=[0.25] * c if c > 1 else 0.25,
+                  in_channels=c, image_size=hw).eval()
+    assert enc(torch.rand(2, c, *hw)).shape == (2, 24)
+    assert any(isinstance(m, torch.nn.AvgPool2d) for m in enc.body) == pooled
+    linear = next(m for m in enc.body if isinstance(m, torch.nn.Linear))
+    assert linear.in_features == (32 if arch == "cnn" else 32) * cells
+    assert next(m for m in enc.body if isinstance(m, torch.nn.Conv2d)).in_channels == c
+
+
+def test_per_channel_statistics_normalise_each_channel():
+    enc = Encoder("cnn", 4, 8, mean=[0.1, 0.5, 0.9], std=[1.0, 2.0, 4.0], in_channels=3, image_size=(8, 8))
+    assert enc.mean.shape == (3, 1, 1) and enc.std.shape == (3, 1, 1)
+    seen = {}
+    enc.body.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    x = torch.rand(2, 3, 8, 8)
+    enc(x)
+    torch.testing.assert_close(seen["x"][:, 1], (x[:, 1] - 0.5) / 2.0)
+    with pytest.raises(FastclrError, match="2 per-channel statistics for 3"):
+        Encoder("cnn", 4, 8, mean=[0.1, 0.5], std=[1.0, 2.0], in_channels=3)
+
+
+def test_a_colour_encoder_round_trips_through_load_encoder(tmp_path):
+    torch.manual_seed(0)
+    enc = Encoder("cnn", 8, 16, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], in_channels=3, image_size=(32, 32)).eval()
+    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
+                "config": {}}, tmp_path / "c.pt")
+    loaded = load_encoder(tmp_path / "c.pt")
+    assert loaded.hparams["in_channels"] == 3 and tuple(loaded.hparams["image_size"]) == (32, 32)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), enc(x))
+
+
+def test_images_too_small_for_two_pools_are_one_clear_error():
+    with pytest.raises(FastclrError, match="too small"):
+        Encoder("cnn", 4, 8, in_channels=1, image_size=(3, 28))

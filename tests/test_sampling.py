@@ -182,3 +182,16 @@ def test_fused_augmentation_captures_in_a_cuda_graph_and_makes_no_host_sync():
     graph.replay()
     assert not torch.equal(first, out)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+@pytest.mark.parametrize("hw", [(28, 56), (64, 16), (5, 40)])
+def test_crop_of_an_image_outside_the_ratio_range_falls_back_to_a_centred_box(hw):
+    """Where no candidate fits (the aspect ratio of a 1 x 8 strip lies outside (3/4, 4/3)), the box is the
+    largest centred one at the nearest ratio in range, as torchvision's fallback; every box lies in the image."""
+    h, w = hw
+    torch.manual_seed(0)
+    src = sampling.resized_crop(4000, hw, (0.9, 1.0), (0.75, 1.333), "cpu")["src"]
+    x0, y0, x1, y1 = src[:, 0, 0], src[:, 0, 1], src[:, 2, 0], src[:, 2, 1]
+    assert float(x0.min()) >= 0 and float(y0.min()) >= 0 and float(x1.max()) <= w - 1 and float(y1.max()) <= h - 1
+    ratio = (x1 - x0 + 1) / (y1 - y0 + 1)
+    assert float(ratio.min()) >= 0.75 - 2 / min(hw) and float(ratio.max()) <= 1.333 + 2 / min(hw)

@@ -70,7 +70,7 @@ def test_seeded_runs_are_reproducible(mnist_root, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dataset", "cifar10"], "unknown"),
+    (["--dataset", "imagenet"], "unknown"),
     (["--batch-size", "1"], "--batch-size must be >= 2"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--epochs", "0"], "--epochs must be >= 1"),
