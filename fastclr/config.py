@@ -156,6 +156,8 @@ class TrainConfig:
     # optimisation
     epochs: int = setting(1, "passes over the training set", FIXED, lo=1)
     max_steps: int = setting(0, "stop after this many steps in all (0: no limit)", FIXED, lo=0)
+    steps: int = setting(0, "train this many steps whatever the data's size, in as many epochs as they take (0: "
+                            "--epochs decides); a recipe's steps give way to --epochs given with it", FIXED, lo=0)
     batch_size: int = setting(128, "pairs per step (each step sees 2 x batch_size augmented images)", FIXED, lo=2)
     lr: float = setting(3e-3, "peak AdamW learning rate (after warm-up, then cosine decay to 0)", FIXED, lo=0.0,
                         lo_open=True)
@@ -212,6 +214,8 @@ class TrainConfig:
             settings = recipes.recipe_settings(name)
         except ValueError as exc:
             raise FastclrError(f"--recipe: {exc}") from None
+        if "epochs" in overrides and "steps" not in overrides:
+            settings.pop("steps", None)         # epochs asked for by name win over the recipe's step budget
         return cls.from_dict({**settings, **overrides, "recipe": name})
 
     @classmethod

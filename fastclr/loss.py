@@ -1,4 +1,4 @@
-"""NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss, in four implementations (and across processes).
+"""NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss: four implementations, and across ranks.
 
 Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020, eq. (1).
 For a batch of N pairs, stack both views into ``z`` of shape (2N, D), L2-normalise, and let

@@ -338,7 +338,7 @@ class Trainer:
                  out: Path, d: Dist, t_start: float):
         self.cfg, self.tr, self.pairs, self.state, self.data, self.out, self.d = cfg, tr, pairs, state, data, out, d
         self.t_start = t_start            # --target-knn's clock: data loading, training and k-NN checks all count
-        self.total_steps = total_steps(cfg, len(pairs))
+        self.total_steps, self.epochs = total_steps(cfg, len(pairs)), epochs_planned(cfg, len(pairs))
         self.clock, self.pending, self.stop = Clock(state, tr.runtime.device), [], StopRequested()
 
     def fit(self) -> str:
@@ -347,7 +347,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.tr.model.train()
         with self.stop as stop:
-            while st.epoch < cfg.epochs and st.step < self.total_steps:              # epoch
+            while st.epoch < self.epochs and st.step < self.total_steps:             # epoch
                 ended = "epoch"
                 with self.progress_bar() as bar:
                     self.clock.start()
@@ -375,7 +375,7 @@ class Trainer:
     def progress_bar(self) -> tqdm:
         st, per_epoch = self.state, len(self.pairs)
         return tqdm(total=min(per_epoch, self.total_steps - st.step + st.batch), initial=st.batch,
-                    disable=not self.d.is_main, desc=f"epoch {st.epoch + 1}/{self.cfg.epochs}", unit="step",
+                    disable=not self.d.is_main, desc=f"epoch {st.epoch + 1}/{self.epochs}", unit="step",
                     dynamic_ncols=True, mininterval=0.5)
 
     def epoch_or_run_ends(self) -> bool:
@@ -437,8 +437,15 @@ class Trainer:
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The run's optimiser steps: every epoch's, or --max-steps where that is fewer (the schedule's length)."""
-    return min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    """The run's optimiser steps (the schedule's length): --steps, else every epoch's; --max-steps where that is
+    fewer."""
+    planned = cfg.steps or cfg.epochs * steps_per_epoch
+    return min(planned, cfg.max_steps or planned)
+
+
+def epochs_planned(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """--epochs, or the epochs --steps takes."""
+    return -(-cfg.steps // steps_per_epoch) if cfg.steps else cfg.epochs
 
 
 def setup_runtime(cfg: TrainConfig) -> tuple[backend.Runtime, Dist]:
@@ -475,9 +482,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         pairs.load_state_dict(loader_state)
         log(f"resumed {out} at epoch {state.epoch + 1}, step {state.step}")
     if d.is_main:
+        shape, epochs = "x".join(map(str, train_x.shape[1:])), epochs_planned(cfg, len(pairs))
         log(f"training {cfg.arch} (width {cfg.width}) on {cfg.dataset} (recipe {cfg.recipe}): {len(train_x)} images "
-            f"of {'x'.join(map(str, train_x.shape[1:]))}, {len(pairs)} steps/epoch x {cfg.epochs} epochs, batch "
-            f"{cfg.batch_size} pairs, device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
+            f"of {shape}, {len(pairs)} steps/epoch x {epochs} epochs, batch {cfg.batch_size} pairs, "
+            f"device {runtime.device}, loss {cfg.loss_impl}, loader {cfg.loader}")
         if runtime.cpu_kernels:
             log(f"CPU kernels: {kernel_paths(cfg, train_x.shape[1:])}")
     trainer = Trainer(cfg, tr, pairs, state, data, out, d, t_start)
@@ -499,7 +507,7 @@ def finish_run(trainer: Trainer, reached: bool, startup_seconds: float, log=prin
     cfg, tr, state, out = trainer.cfg, trainer.tr, trainer.state, trainer.out
     runtime = tr.runtime
     metrics = {
-        "epochs": cfg.epochs, "steps": state.step, "train_seconds": state.train_seconds,
+        "epochs": trainer.epochs, "steps": state.step, "train_seconds": state.train_seconds,
         "train_images_per_second": trainer.images_per_second(state.train_seconds),
         "final_loss": float(np.mean(state.losses[-min(len(state.losses), cfg.log_every):])) if state.losses else None,
         "world_size": trainer.d.world_size, "startup_seconds": startup_seconds,

@@ -60,3 +60,22 @@ def test_unknown_recipe_is_one_clear_error():
 def test_new_augmentation_flags_are_probabilities_or_ranges_in_zero_one(flag):
     with pytest.raises(FastclrError, match=flag):
         resolve([flag, "1.5"]).validate()
+
+
+def test_any_other_source_gets_the_custom_recipe_whose_step_budget_gives_way_to_epochs(tmp_path):
+    from fastclr.recipes import CUSTOM
+
+    (tmp_path / "d.npz").write_bytes(b"")
+    cfg = resolve(["--data", str(tmp_path / "d.npz")])
+    assert cfg.recipe == CUSTOM and cfg.steps == RECIPES[CUSTOM].settings["steps"] > 0
+    cfg = resolve(["--data", str(tmp_path / "d.npz"), "--epochs", "3"])
+    assert (cfg.recipe, cfg.steps, cfg.epochs) == (CUSTOM, 0, 3)
+
+
+def test_a_step_budget_sets_the_epochs_it_takes():
+    from fastclr.train import epochs_planned, total_steps
+
+    cfg = TrainConfig(steps=1000)
+    assert (total_steps(cfg, 300), epochs_planned(cfg, 300)) == (1000, 4)
+    assert total_steps(TrainConfig(steps=1000, max_steps=250), 300) == 250
+    assert (total_steps(TrainConfig(epochs=2), 300), epochs_planned(TrainConfig(epochs=2), 300)) == (600, 2)

@@ -145,14 +145,14 @@ def test_mixed_sizes_need_image_size_which_resizes_once(tmp_path):
     assert load(tmp_path, image_size=16).shape == (1, 16, 16)
 
 
-@pytest.mark.parametrize("damage, message", [("truncate", "cannot decode .*1.png"), ("garbage", "cannot decode .*1.png")])
-def test_a_corrupt_image_names_the_file(tmp_path, damage, message):
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_image_names_the_file(tmp_path, damage):
     (tmp_path / "a").mkdir()
     PIL.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "0.png")
     PIL.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(tmp_path / "a" / "1.png")
     raw = (tmp_path / "a" / "1.png").read_bytes()
     (tmp_path / "a" / "1.png").write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x89PNG junk")
-    with pytest.raises(FastclrError, match=message):
+    with pytest.raises(FastclrError, match="cannot decode .*1.png"):
         load(tmp_path)
 
 
