@@ -1,4 +1,4 @@
-"""fastclr: fast, correct SimCLR / NT-Xent contrastive learning on MNIST and Fashion-MNIST."""
+"""fastclr: fast, correct SimCLR / NT-Xent contrastive learning on MNIST, Fashion-MNIST and your own small images."""
 from .augment import SimCLRAugment
 from .config import AugConfig, TrainConfig
 from .loss import NTXentLoss

@@ -251,22 +251,31 @@ SMALL = ["--width", "16", "--embed-dim", "16", "--proj-hidden", "32", "--proj-di
 
 @pytest.mark.slow
 def test_colour_npz_and_rgb_folder_train_evaluate_and_reload(tmp_path):
+    """The .npz in this process (fastclr.train.train, fastclr.eval.main), the folder through both CLIs."""
+    from fastclr.config import TrainConfig
+    from fastclr.eval import main as eval_main
     from fastclr.model import load_encoder
+    from fastclr.train import train
 
     x, y = shapes(96, 3, 16, 16)
     np.savez(tmp_path / "c.npz", train_images=x[:64], train_labels=y[:64], test_images=x[64:], test_labels=y[64:])
     write_pngs(tmp_path / "f" / "train", x[:64], y[:64])
     write_pngs(tmp_path / "f" / "test", x[64:], y[64:])
-    for source in (tmp_path / "c.npz", tmp_path / "f"):
-        out = tmp_path / f"run-{source.name}"
-        r = train_cli("--data", str(source), "--out", str(out), *SMALL)
-        assert r.returncode == 0, r.stderr[-2000:]
-        m = json.loads((out / "metrics.json").read_text())
-        assert 0 <= m["knn_accuracy"] <= 1 and m["config"]["dataset"] == str(source)
+    small = dict(width=16, embed_dim=16, proj_hidden=32, proj_dim=8, batch_size=16, epochs=1, tsne_points=20,
+                 linear_probe=False)
+    m = train(TrainConfig(dataset=str(tmp_path / "c.npz"), out=str(tmp_path / "run-npz"), **small), log=lambda *a: None)
+    assert eval_main(["--checkpoint", str(tmp_path / "run-npz" / "checkpoint.pt"), "--device", "cpu"]) == 0
+    runs = [(tmp_path / "run-npz", m)]
+    out = tmp_path / "run-folder"
+    r = train_cli("--data", str(tmp_path / "f"), "--out", str(out), *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = train_cli_eval(out / "checkpoint.pt")
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs.append((out, json.loads((out / "metrics.json").read_text())))
+    for out, m in runs:
+        assert 0 <= m["knn_accuracy"] <= 1 and m["config"]["dataset"].startswith(str(tmp_path))
         enc = load_encoder(out / "checkpoint.pt")
         assert enc.hparams["in_channels"] == 3 and enc(torch.rand(2, 3, 16, 16)).shape == (2, 16)
-        r = train_cli_eval(out / "checkpoint.pt")
-        assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads((out / "eval_metrics.json").read_text())["knn_accuracy"] == pytest.approx(
             m["knn_accuracy"], abs=1e-6)
 
@@ -279,7 +288,7 @@ def train_cli_eval(checkpoint):
 
 
 @pytest.mark.slow
-def test_an_unlabeled_folder_trains_and_says_what_evaluation_skipped(tmp_path):
+def test_an_unlabeled_folder_trains_and_says_what_evaluation_skipped(tmp_path, capsys):
     x, _ = shapes(48, 1, 12, 12)
     (tmp_path / "data").mkdir()
     for i, img in enumerate(x):
@@ -289,8 +298,10 @@ def test_an_unlabeled_folder_trains_and_says_what_evaluation_skipped(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped: the data has no labels" in r.stdout
     assert (out / "tsne.png").is_file() and (out / "checkpoint.pt").is_file()
-    r = train_cli("--data", str(tmp_path / "data"), "--out", str(tmp_path / "r2"), "--target-knn", "0.9", *SMALL)
-    assert r.returncode == 2 and "--target-knn needs labels" in r.stderr
+    from fastclr.train import main
+
+    assert main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "r2"), "--target-knn", "0.9", *SMALL]) == 2
+    assert "--target-knn needs labels" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 
 @pytest.mark.parametrize("make, message", [
