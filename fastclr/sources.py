@@ -106,9 +106,6 @@ def load_source(spec: SourceSpec) -> ImageData:
     return _finish(data, spec)
 
 
-BUILT_IN = [*DATASETS, "kmnist", "cifar10", "cifar100", "svhn", "stl10"]
-
-
 def is_source(name: str) -> bool:
     """A built-in name, or a path that exists (checked again, in full, by load_source)."""
     return name in BUILT_IN or Path(name).expanduser().exists()
@@ -131,6 +128,7 @@ TORCHVISION = {
     "svhn": ("SVHN", dict(split="train"), dict(split="test"), None),
     "stl10": ("STL10", dict(split="train"), dict(split="test"), dict(split="unlabeled")),
 }
+BUILT_IN = [*DATASETS, *TORCHVISION]
 
 
 def _torchvision_dataset(spec: SourceSpec, datasets=None) -> ImageData:

@@ -151,8 +151,8 @@ def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int,
     """Model, optimiser (AdamW, fused where available), schedule, scaler, loss and, for ``--cuda-graph``, the
     captured step, as ``cfg`` says; a checkpoint ``ckpt`` is loaded before compiling and DDP-wrapping. The
     encoder takes ``data``'s image shape and normalisation (default: a built-in dataset's, 1 x 28 x 28)."""
-    norm = (data.mean, data.std) if data is not None else (dataset_info(cfg.dataset).mean,
-                                                           dataset_info(cfg.dataset).std)
+    info = data if data is not None else dataset_info(cfg.dataset)       # both carry .mean and .std
+    norm = (info.mean, info.std)
     model = build_model(cfg.arch, cfg.width, cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim, norm, cfg.proj_bn,
                         data.shape if data is not None else (1, 28, 28))
     if world_size > 1 and runtime.device.type == "cuda":
@@ -166,8 +166,7 @@ def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int,
     optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graph)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps, on_device=cfg.cuda_graph)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    net = model
-    tr = Training(model, net, optimizer, scheduler, scaler,
+    tr = Training(model, model, optimizer, scheduler, scaler,
                   NTXentLoss(cfg.temperature, cfg.loss_impl, gather_distributed=world_size > 1, check_finite=False),
                   runtime, cfg.channels_last)
     if ckpt is not None:
