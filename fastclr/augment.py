@@ -5,7 +5,8 @@ crop and rotation for the whole batch. Here every sample draws its own parameter
 
 One :class:`~fastclr.config.AugConfig` says what is drawn; two implementations draw it
 (``SimCLRAugment(impl=...)``), applying the same steps in the same order: stroke thickness, then flip, crop,
-affine and elastic warp, then brightness/contrast jitter, Gaussian blur and random erasing.
+affine and elastic warp, then the colour jitter and random greyscale (``fastclr.color``), the additive
+brightness/contrast jitter, Gaussian blur and random erasing.
 
 * ``"fused"`` (the default): fastclr's own code. Every parameter is drawn on the images' device
   (``fastclr.sampling``: no host sync, capturable in a CUDA graph), and :class:`~fastclr.warp.FusedWarp`
@@ -25,6 +26,7 @@ from kornia.filters.kernels import get_gaussian_kernel1d
 from torch import Tensor, nn
 
 from . import kernels, sampling
+from .color import RandomColor
 from .config import AugConfig
 from .warp import FusedWarp
 
@@ -61,6 +63,11 @@ class SimCLRAugment(nn.Module):
         else:
             warp = FusedWarp(cfg, size, cpu_kernel=cpu_kernels)
             ops += [warp] if warp.steps else []
+        if impl == "kornia":
+            ops += [ref[k] for k in ("color", "gray") if k in ref]
+        elif cfg.has_color_jitter or cfg.gray_p > 0:
+            ops.append(RandomColor(cfg.color_factors, cfg.color_p if cfg.has_color_jitter else 0.0, cfg.gray_p,
+                                   cpu_kernels))
         if cfg.has_jitter:
             ops.append(RandomIntensity(cfg.brightness, cfg.contrast, cfg.jitter_p))
         if impl == "kornia":
@@ -86,8 +93,8 @@ class SimCLRAugment(nn.Module):
 
 
 def kornia_modules(cfg: AugConfig, size: tuple[int, int] | None = None) -> dict[str, nn.Module]:
-    """Kornia's modules for ``cfg``'s steps, by name (flip, crop, affine, elastic, blur, erase; only those that are
-    on): the reference chain (``impl="kornia"``) and the tests' oracle. ``size``: the crop's output (H, W)
+    """Kornia's modules for ``cfg``'s steps, by name (flip, crop, affine, elastic, color, gray, blur, erase; those
+    that are on): the reference chain (``impl="kornia"``) and the tests' oracle. ``size``: the crop's output (H, W)
     (default 28 x 28, the datasets fastclr reads today)."""
     import kornia.augmentation as K
 
@@ -104,6 +111,10 @@ def kornia_modules(cfg: AugConfig, size: tuple[int, int] | None = None) -> dict[
         k, sigma, alpha = cfg.elastic_kernel, cfg.elastic_sigma, cfg.elastic_alpha
         mods["elastic"] = K.RandomElasticTransform(kernel_size=(k, k), sigma=(sigma, sigma), alpha=(alpha, alpha),
                                                    p=cfg.elastic_p)
+    if cfg.has_color_jitter:
+        mods["color"] = K.ColorJitter(*cfg.color_factors, p=cfg.color_p, order=(0, 1, 2, 3))
+    if cfg.gray_p > 0:
+        mods["gray"] = K.RandomGrayscale(p=cfg.gray_p)
     if cfg.blur_p > 0:
         mods["blur"] = K.RandomGaussianBlur((3, 3), sigma=tuple(cfg.blur_sigma), p=cfg.blur_p)
     if cfg.erase_p > 0:

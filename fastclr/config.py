@@ -75,6 +75,15 @@ class AugConfig:
     brightness: float = _p(0.0, "per-sample brightness shift range, +- (0: off)")
     contrast: float = _p(0.0, "per-sample contrast factor range, 1 +- contrast (0: off)")
     jitter_p: float = _p(0.8, "probability of the brightness/contrast jitter per sample")
+    color_brightness: float = setting(0.0, "colour jitter: brightness factor U(1 - b, 1 + b), multiplying (torchvision's "
+                                           "and Kornia's ColorJitter; 0: off)", FIXED, lo=0.0, hi=1.0)
+    color_contrast: float = _p(0.0, "colour jitter: contrast factor U(1 - c, 1 + c), blending with the grey mean (0: off)")
+    color_saturation: float = _p(0.0, "colour jitter: saturation factor U(1 - s, 1 + s), blending with the grey image "
+                                      "(3 channels only; 0: off)")
+    color_hue: float = setting(0.0, "colour jitter: hue shift U(-h, h), in turns of the colour wheel (3 channels only; "
+                                    "0: off)", FIXED, lo=0.0, hi=0.5)
+    color_p: float = _p(0.8, "probability of the colour jitter per sample (all four factors or none)")
+    gray_p: float = _p(0.0, "random-greyscale probability per sample (ITU-R 601 luma in every channel)")
     blur_p: float = _p(0.0, "Gaussian-blur probability (3x3, reflected border)")
     blur_sigma: tuple = setting((0.1, 1.0), "the blur's sigma range, drawn per sample", FIXED, lo=0.0, lo_open=True)
     erase_p: float = _p(0.0, "random-erasing probability (one black rectangle)")
@@ -93,6 +102,20 @@ class AugConfig:
     @property
     def has_jitter(self) -> bool:
         return (self.brightness > 0 or self.contrast > 0) and self.jitter_p > 0
+
+    @property
+    def color_factors(self) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue): the colour jitter's strengths, in the order they apply."""
+        return (self.color_brightness, self.color_contrast, self.color_saturation, self.color_hue)
+
+    @property
+    def has_color_jitter(self) -> bool:
+        return any(self.color_factors) and self.color_p > 0
+
+    @property
+    def needs_rgb(self) -> bool:
+        """Saturation and hue are undefined on one channel: fastclr refuses them there (train.load_data)."""
+        return self.has_color_jitter and bool(self.color_saturation or self.color_hue)
 
     def scaled_to(self, size: tuple[int, int]) -> "AugConfig":
         """The settings for images of ``size`` (H, W): the elastic field's sigma and kernel are pixel sizes tuned
@@ -145,10 +168,13 @@ class TrainConfig:
                                      "another: the reference)", FIXED, choices=["fused", "kornia"])
     augment: AugConfig = field(default_factory=AugConfig)
     # model
-    arch: str = setting("cnn", "encoder: cnn (3 conv-BN stages) or tutorial (the tutorial's 2-conv net)", FIXED,
-                        choices=["cnn", "tutorial"])
-    width: int = setting(32, "channels of the first conv stage (cnn: width, 2x, 4x)", FIXED, lo=1)
-    embed_dim: int = setting(128, "encoder output size (the embedding that is evaluated)", FIXED, lo=1)
+    arch: str = setting("cnn", "encoder: cnn (3 conv-BN stages), resnet18 (the CIFAR ResNet-18: 3x3 stem, no "
+                               "max-pool) or tutorial (the tutorial's 2-conv net)", FIXED,
+                        choices=["cnn", "resnet18", "tutorial"])
+    width: int = setting(32, "the encoder's width: cnn's stages have width, 2x, 4x channels; resnet18's 2x, 4x, 8x, "
+                             "16x (32: the standard 64 to 512)", FIXED, lo=1)
+    embed_dim: int = setting(128, "encoder output size (the embedding that is evaluated; resnet18's is its pooled "
+                                  "16 x width features)", FIXED, lo=1)
     proj_hidden: int = setting(256, "projection head hidden size", FIXED, lo=1)
     proj_dim: int = setting(64, "projection head output size (what the loss sees)", FIXED, lo=1)
     proj_bn: bool = setting(True, "BatchNorm in the projection head (--no-proj-bn with --arch tutorial: a BN-free "
@@ -207,9 +233,13 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, name: str | None = None, **overrides) -> "TrainConfig":
-        """Recipe ``name`` (default: the dataset's own, ``overrides.get("dataset", "mnist")``) under the flat
-        ``overrides``; the config records the recipe's name. FastclrError for an unknown recipe or field."""
-        name = name or recipes.default_recipe(overrides.get("dataset", "mnist"))
+        """Recipe ``name`` (default: the dataset's own, ``overrides.get("dataset", "mnist")``, or the custom one for
+        its channels) under the flat ``overrides``; the config records the recipe's name. FastclrError for an unknown recipe or field."""
+        if not name:
+            from .sources import peek_channels
+
+            dataset = overrides.get("dataset", "mnist")
+            name = recipes.default_recipe(dataset, peek_channels(dataset, overrides.get("channels") or 0))
         try:
             settings = recipes.recipe_settings(name)
         except ValueError as exc:

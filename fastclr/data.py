@@ -285,7 +285,8 @@ TORCHVISION_UNSUPPORTED = {
 
 def torchvision_transform(cfg: AugConfig, size: tuple[int, int], identity: bool = False):
     """Per-sample CPU transforms (torchvision.transforms.v2) drawing ``cfg``'s views of a (C, H, W) uint8 image,
-    in SimCLRAugment's order: thickness, flip, crop (to ``size``), affine, elastic, jitter, blur, erasing.
+    in SimCLRAugment's order: thickness, flip, crop (to ``size``), affine, elastic, colour jitter, greyscale,
+    intensity jitter, blur, erasing.
 
     Every field is honoured except those in :data:`TORCHVISION_UNSUPPORTED`, which raise FastclrError when set
     away from their default. Where torchvision's parametrisation differs, the field is converted: the elastic
@@ -317,6 +318,10 @@ def torchvision_transform(cfg: AugConfig, size: tuple[int, int], identity: bool 
     if cfg.elastic_p > 0:
         elastic = v2.ElasticTransform(alpha=cfg.elastic_alpha * size[1], sigma=cfg.elastic_sigma)
         steps.append(v2.RandomApply([elastic], p=cfg.elastic_p))
+    if cfg.has_color_jitter:    # torchvision draws a random order of the four per sample; fastclr's is fixed
+        steps.append(v2.RandomApply([v2.ColorJitter(*cfg.color_factors)], p=cfg.color_p))
+    if cfg.gray_p > 0:
+        steps.append(v2.RandomGrayscale(cfg.gray_p))
     if cfg.has_jitter:
         intensity = RandomIntensity(cfg.brightness, cfg.contrast, cfg.jitter_p)
         steps.append(v2.Lambda(lambda x: intensity(x[None])[0]))

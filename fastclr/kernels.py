@@ -9,6 +9,7 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
   on the normalised image, then the pool and the ReLU, without writing the full-resolution conv output.
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
+* :func:`color_jitter`: ``fastclr.color.RandomColor``'s four jitters and greyscale, two passes per image.
 
 Each is a ``torch.library`` custom op (``torch.ops.fastclr.*``: schema, fake function, autograd formula), so
 ``torch.compile`` keeps them as single ops instead of tracing into ctypes, and their OpenMP team follows
@@ -85,6 +86,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv1_pool_relu_bwd.argtypes = [P, I, I, I, I, F, F, P, I, P, I, P, P, P, I]
     lib.warp_sample.argtypes = [P, I, I, I, I, I, P, I, P, P, P, I, F, F, I, P]
     lib.thickness.argtypes = [P, I, I, I, P, P]
+    lib.color_jitter.argtypes = [P, I, I, I, P, P]
+    lib.color_jitter.restype = None
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -377,6 +380,33 @@ def thickness(x: Tensor, sign: Tensor) -> Tensor:
     if x.shape[3] > MAX_WIDTH:
         raise ValueError(f"thickness takes width <= {MAX_WIDTH}, got {x.shape[3]}")
     return _thickness(x, sign)
+
+
+def color_kernel_supported(x: Tensor) -> bool:
+    """The colour kernel takes CPU f32 (B, 1 or 3, H, W) images that need no gradient."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] in (1, 3) and x.dtype == torch.float32
+            and not x.requires_grad and x.shape[0] > 0 and available())
+
+
+@torch.library.custom_op("fastclr::color_jitter", mutates_args=())
+def _color_jitter(x: Tensor, params: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    x, params = x.contiguous(), params.float().contiguous()
+    out = torch.empty_like(x)
+    _lib().color_jitter(x.data_ptr(), b, c, h * w, params.data_ptr(), out.data_ptr())
+    return out
+
+
+@_color_jitter.register_fake
+def _(x, params):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def color_jitter(x: Tensor, params: Tensor) -> Tensor:
+    """``fastclr.color.RandomColor``'s jitter and greyscale: x (B, C, H, W) f32 CPU (check
+    :func:`color_kernel_supported`), params (B, 6) = (jittered, brightness, contrast, saturation, hue in turns,
+    greyscale), see ``fastclr.color.packed``."""
+    return _color_jitter(x, params)
 
 
 def team_size() -> int:

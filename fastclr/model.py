@@ -72,9 +72,48 @@ def _cnn_body(width: int, embed_dim: int, in_channels: int, image_size: tuple[in
     ), embed_dim
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN, a ReLU between, the input added back (through a strided 1x1 conv-BN
+    where the shape changes), then a ReLU. Shape: (B, c_in, H, W) -> (B, c_out, H / stride, W / stride)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet18_body(width: int, embed_dim: int, in_channels: int, image_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """ResNet-18, the CIFAR variant of SimCLR's CIFAR-10 experiments and of lightly's and solo-learn's benchmarks:
+    a 3x3 stride-1 stem without the max-pool (the ImageNet stem's 7x7 stride 2 and pool would leave a 32 px image
+    1 x 1 after the last stage), four stages of two basic blocks at 2w, 4w, 8w, 16w channels (w = ``width``: the
+    default 32 is the standard 64 to 512), strides 1, 2, 2, 2, and a global average pool. The representation is
+    the pooled 16w features, as in SimCLR; ``embed_dim`` does not apply."""
+    if min(image_size) < 8:
+        raise FastclrError(f"resnet18 needs images of at least 8x8 pixels, got {image_size[0]}x{image_size[1]}")
+    c = [2 * width, 4 * width, 8 * width, 16 * width]
+    stages, c_in = [], c[0]
+    for i, c_out in enumerate(c):
+        stages.append(nn.Sequential(BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out)))
+        c_in = c_out
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True),
+        *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ), c[-1]
+
+
 ARCHS = {
     "tutorial": lambda width, embed_dim, in_channels, image_size: _tutorial_body(embed_dim, in_channels, image_size),
     "cnn": _cnn_body,
+    "resnet18": _resnet18_body,
 }
 
 

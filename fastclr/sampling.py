@@ -131,3 +131,16 @@ def erase_boxes(b: int, size: tuple[int, int], scale: tuple[float, float], ratio
     xs = (torch.rand(b, device=device) * (w - widths + 1)).floor()
     ys = (torch.rand(b, device=device) * (h - heights + 1)).floor()
     return {"xs": xs, "ys": ys, "widths": widths, "heights": heights, "values": torch.zeros(b, device=device)}
+
+
+def color_jitter(b: int, factors: tuple[float, float, float, float], p: float, device) -> dict:
+    """Kornia's ColorJitter parameters (``ColorJitterGenerator`` and the module's ``p`` coin):
+    ``{"brightness_factor", "contrast_factor", "saturation_factor", "hue_factor", "batch_prob"}``, each (B,)
+    float32. For strengths (b, c, s, h): brightness, contrast and saturation factors U(max(0, 1 - f), 1 + f),
+    hue U(-h, h) in turns of the colour wheel (Kornia's ``ColorJitter`` multiplies it by 2 pi); a strength of 0
+    gives the neutral factor (1, or 0 for hue), which skips the step."""
+    brightness, contrast, saturation, hue = factors
+    around_one = lambda f: uniform(b, max(0.0, 1.0 - f), 1.0 + f, device)  # noqa: E731
+    return {"batch_prob": coin(b, p, device), "brightness_factor": around_one(brightness),
+            "contrast_factor": around_one(contrast), "saturation_factor": around_one(saturation),
+            "hue_factor": uniform(b, -hue, hue, device)}

@@ -266,6 +266,9 @@ def load_data(cfg: TrainConfig, runtime: backend.Runtime, world_size: int, log) 
     if len(train_x) < cfg.batch_size * world_size:
         raise FastclrError(f"--batch-size {cfg.batch_size} x {world_size} rank(s) is larger than the "
                            f"{len(train_x)} training images")
+    if cfg.aug and cfg.augment.needs_rgb and data.shape[0] == 1:
+        raise FastclrError(f"--color-saturation and --color-hue need colour images, and {cfg.dataset} has one "
+                           "channel: set both to 0 (the colour brightness and contrast still apply)")
     if cfg.target_knn and not data.labelled:
         raise FastclrError(f"--target-knn needs labels, and {cfg.dataset} has none (or no test split)")
     check_memory(train_x, cfg, runtime)

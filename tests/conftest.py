@@ -67,3 +67,25 @@ def only(*steps, **settings):
     for step, off in OFF.items():
         cfg.update(on_by_default.get(step, {}) if step in steps else off)
     return AugConfig(**{**cfg, **settings})
+
+
+# --------------------------------------------------------------------------- fastclr's CPU kernels
+
+from fastclr import kernels  # noqa: E402
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of each kernel entry point, so that a kernels-vs-layers comparison can tell a kernel
+    that ran from a silent fallback to the layers (which would compare the layers with themselves)."""
+    calls = {}
+    for name in ("pool_relu", "conv3x3_pool_relu", "warp_sample", "thickness", "color_jitter"):
+        real = getattr(kernels, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+        monkeypatch.setattr(kernels, name, counted)
+    return calls

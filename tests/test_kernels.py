@@ -13,22 +13,7 @@ from fastclr import kernels
 from fastclr.backend import make_runtime, resolve_cpu_kernels
 from fastclr.model import Encoder
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls of each kernel entry point, so that a kernels-vs-layers comparison can tell a kernel
-    that ran from a silent fallback to the layers (which would compare the layers with themselves)."""
-    calls = {}
-    for name in ("pool_relu", "conv3x3_pool_relu", "warp_sample", "thickness"):
-        real = getattr(kernels, name)
-
-        def counted(*a, _real=real, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*a, **k)
-        monkeypatch.setattr(kernels, name, counted)
-    return calls
+from conftest import needs_kernels  # noqa: E402  (the kernel_calls fixture is there too)
 
 
 def _with_ties(shape, dtype, seed=0):
@@ -286,7 +271,9 @@ def _op_samples():
                for bf16 in (False, True)]
             + [(torch.ops.fastclr.warp_sample.default, (x, plan.core, plan.ybasis, plan.xbasis, plan.frames, 28, 28,
                                                         True)),
-               (torch.ops.fastclr.thickness.default, (x, torch.tensor([1.0, -1.0, 0.0])))])
+               (torch.ops.fastclr.thickness.default, (x, torch.tensor([1.0, -1.0, 0.0]))),
+               (torch.ops.fastclr.color_jitter.default,
+                (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([[1.0, 1.2, 0.8, 1.1, 0.05, 1.0]] * 3)))])
 
 
 @needs_kernels

@@ -1,7 +1,8 @@
-/* fastclr CPU kernels, four of them: the encoders' 2x2 max-pool + ReLU and the tutorial net's first block
+/* fastclr CPU kernels, five of them: the encoders' 2x2 max-pool + ReLU and the tutorial net's first block
  * (3x3 conv with one input channel -> 2x2 max-pool -> ReLU), forward and backward; and, for the fused
  * augmentation, the warp's grid + frame weight + bilinear sampling in one pass (warp_sample) and the
- * stroke-thickness max filter on the chosen samples only (thickness).
+ * stroke-thickness max filter on the chosen samples only (thickness); and the colour jitter + random greyscale
+ * in two passes per image (color_jitter).
  *
  * Built by fastclr/kernels.py on first use: cc -O3 -march=native -fopenmp -shared -fPIC.
  * Tensors are channels-last (N, H, W, C); C a multiple of 16, so one 16-float vector (GCC vector
@@ -312,6 +313,85 @@ void thickness(const float* x, int B, int H, int W, const float* s, float* out) 
             if (w < W - 1) m = fmaxf(m, r[w + 1]);
             o[w] = sg * m;
         }
+    }
+}
+
+/* RandomColor (fastclr/color.py): Kornia's ColorJitter (brightness, contrast, saturation, hue, in that order,
+ * each clamped to [0, 1]) then RandomGrayscale, per sample. x, out (B, C, H, W) float, C 1 or 3; prm (B, 6):
+ * jittered (0/1), brightness, contrast, saturation, hue shift in turns, greyscale (0/1).
+ * Two passes over each image instead of a dozen over the batch: the first only sums the brightened image's luma
+ * (the contrast blends with its mean), the second does every step on each pixel in registers. One image is a
+ * few KB, so the second pass reads it from cache. Hue: the pixel's hue is shifted in sextant units and the RGB
+ * rebuilt as v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 for n = 5, 3, 1, which is the
+ * hsv -> rgb table row by row without a branch per sextant. */
+#define LUMA(r, g, b) (0.299f * (r) + 0.587f * (g) + 0.114f * (b))
+/* selects, not fminf / fmaxf: GCC vectorises these (fminf's NaN rules keep it scalar); NaN passes through, as
+ * in torch.clamp */
+static inline float clamp01(float v) { v = v < 0.f ? 0.f : v; return v > 1.f ? 1.f : v; }
+static inline float max2(float a, float b) { return a > b ? a : b; }
+static inline float min2(float a, float b) { return a < b ? a : b; }
+
+static inline float hue_channel(float n, float six, float v, float vs) {
+    float k = n + six;
+    k = k >= 6.f ? k - 6.f : k;
+    return v - vs * clamp01(min2(k, 4.f - k));
+}
+
+/* One image's pixels, every step in registers; `omp simd` lets GCC vectorise the loop across pixels, the
+ * selects becoming masks. */
+static void color_pixels(const float* restrict R, const float* restrict G, const float* restrict Bc, float* restrict oR,
+                         float* restrict oG, float* restrict oB, int HW,
+                         float fb, float fc, float m, float fs, float fh, int hue, int grey) {
+    #pragma omp simd
+    for (int i = 0; i < HW; i++) {
+        float r = clamp01(clamp01(R[i] * fb) * fc + m);
+        float g = clamp01(clamp01(G[i] * fb) * fc + m);
+        float bl = clamp01(clamp01(Bc[i] * fb) * fc + m);
+        float l = (1.f - fs) * LUMA(r, g, bl);
+        r = clamp01(l + fs * r); g = clamp01(l + fs * g); bl = clamp01(l + fs * bl);
+        if (hue) {
+            float v = max2(r, max2(g, bl)), d = v - min2(r, min2(g, bl));
+            float s = v == 0.f ? 0.f : d / (v + 1e-8f), dd = d == 0.f ? 1.f : d;
+            float h = (r >= g && r >= bl) ? (g - bl) : (g >= bl ? (bl - r) + 2.f * dd : (r - g) + 4.f * dd);
+            float turns = h / dd * (1.f / 6.f) + fh;          /* the shifted hue, in turns */
+            turns += turns < 0.f ? 1.f : 0.f;             /* in [-2/3, 4/3): mod 1 by two selects */
+            turns -= turns >= 1.f ? 1.f : 0.f;
+            float six = turns * 6.f, vs = v * s;
+            r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
+        }
+        if (grey) r = g = bl = LUMA(r, g, bl);
+        oR[i] = r; oG[i] = g; oB[i] = bl;
+    }
+}
+
+void color_jitter(const float* x, int B, int C, int HW, const float* prm, float* out) {
+    #pragma omp parallel for schedule(static)
+    for (long b = 0; b < B; b++) {
+        const float* p = prm + 6 * b;
+        const float* xi = x + b * C * HW;
+        float* o = out + b * C * HW;
+        int on = p[0] > 0.5f, grey = p[5] > 0.5f && C == 3;
+        float fb = p[1], fc = p[2], fs = p[3], fh = p[4];
+        if (!on && !grey) { memcpy(o, xi, sizeof(float) * C * HW); continue; }
+        if (C == 1) {                             /* brightness and contrast only (saturation, hue refused) */
+            float sum = 0.f;
+            #pragma omp simd reduction(+:sum)
+            for (int i = 0; i < HW; i++) sum += clamp01(xi[i] * fb);
+            float m = sum / HW * (1.f - fc);
+            #pragma omp simd
+            for (int i = 0; i < HW; i++) o[i] = clamp01(clamp01(xi[i] * fb) * fc + m);
+            continue;
+        }
+        const float *R = xi, *G = xi + HW, *Bc = xi + 2 * HW;
+        if (!on) {                                /* greyscale only: the jitter's neutral factors */
+            color_pixels(R, G, Bc, o, o + HW, o + 2 * HW, HW, 1.f, 1.f, 0.f, 1.f, 0.f, 0, 1);
+            continue;
+        }
+        float sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (int i = 0; i < HW; i++) sum += LUMA(clamp01(R[i] * fb), clamp01(G[i] * fb), clamp01(Bc[i] * fb));
+        float m = sum / HW * (1.f - fc);
+        color_pixels(R, G, Bc, o, o + HW, o + 2 * HW, HW, fb, fc, m, fs, fh, fh != 0.f, grey);
     }
 }
 
