@@ -23,7 +23,14 @@ _CLOTHING = dict(hflip_p=0.5, brightness=0.2, contrast=0.3, blur_p=0.5)
 # 0.8703 -> 0.8998, k-NN 0.8691 -> 0.8764), for about 15% more time per step; on MNIST it is within noise
 _CLOTHING_NET = dict(embed_dim=512)
 
-CUSTOM = "custom"
+# SimCLR's colour distortion at strength s = 0.5 (its CIFAR-10 setting: jitter 0.8 s, 0.8 s, 0.8 s, 0.2 s at p 0.8,
+# greyscale at p 0.2)
+_COLOR = dict(color_brightness=0.4, color_contrast=0.4, color_saturation=0.4, color_hue=0.1, color_p=0.8, gray_p=0.2)
+# SimCLR's CIFAR-10 geometry: a crop of 8% to 100% of the image and a flip, nothing else
+_CROP_FLIP = dict(crop_min=0.08, hflip_p=0.5, degrees=0.0, translate=0.0, shear=0.0, zoom=(1.0, 1.0), thickness_p=0.0,
+                  elastic_p=0.0)
+
+CUSTOM, CUSTOM_COLOR = "custom", "custom-color"
 
 RECIPES: dict[str, Recipe] = {
     "mnist": Recipe("MNIST, 1 epoch: TrainConfig's defaults (crop, affine, stroke thickness, elastic)"),
@@ -46,10 +53,18 @@ RECIPES: dict[str, Recipe] = {
     CUSTOM: Recipe("any other source (an image folder, an .npz file, a torchvision dataset): the MNIST "
                    "augmentation for 5,000 steps, as many epochs as they take",
                    dict(steps=5000)),
+    CUSTOM_COLOR: Recipe("any other colour source: the clothing augmentation with SimCLR's colour jitter and random "
+                         "greyscale in place of the additive jitter, a 512-d embedding, 5,000 steps",
+                         dict(steps=5000, hflip_p=0.5, blur_p=0.5, **_COLOR, **_CLOTHING_NET)),
+    "cifar10": Recipe("CIFAR-10 on the CIFAR ResNet-18: SimCLR's CIFAR augmentation (crop 0.08-1, flip, colour "
+                      "jitter 0.4/0.4/0.4/0.1 at p 0.8, greyscale at p 0.2), batch 512, 200 epochs. Not run on "
+                      "CIFAR-10 here (docs/recipe.md)",
+                      dict(dataset="cifar10", arch="resnet18", epochs=200, batch_size=512, lr=2e-3,
+                           warmup_steps=1000, proj_hidden=2048, proj_dim=128, **_CROP_FLIP, **_COLOR)),
 }
 
-# the recipe a dataset gets when --recipe is not given; every other source gets CUSTOM
-DATASET_RECIPE = {"mnist": "mnist", "fashion-mnist": "fashion-mnist"}
+# the recipe a dataset gets when --recipe is not given; every other source gets CUSTOM, or CUSTOM_COLOR in colour
+DATASET_RECIPE = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}
 
 
 def recipe_settings(name: str) -> dict:
@@ -59,5 +74,7 @@ def recipe_settings(name: str) -> dict:
     return {**RECIPES[name].settings, "recipe": name}
 
 
-def default_recipe(dataset: str) -> str:
-    return DATASET_RECIPE.get(dataset, CUSTOM)
+def default_recipe(dataset: str, channels: int = 1) -> str:
+    """The recipe a source gets without --recipe: its own, else CUSTOM for one channel, CUSTOM_COLOR for three
+    (``fastclr.sources.peek_channels`` tells which)."""
+    return DATASET_RECIPE.get(dataset, CUSTOM_COLOR if channels == 3 else CUSTOM)

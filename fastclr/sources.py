@@ -111,6 +111,49 @@ def is_source(name: str) -> bool:
     return name in BUILT_IN or Path(name).expanduser().exists()
 
 
+GREY_MODES = ("L", "1", "I", "I;16", "F", "LA")      # PIL modes decoded as one channel
+
+
+def peek_channels(dataset: str, channels: int = 0) -> int:
+    """1 or 3: the channels a source's images will have, read cheaply before loading (``--channels`` when given;
+    a built-in dataset's own; an .npz's array header; a folder's first image's mode). 1 where the source cannot
+    be read yet: loading it later says why. The default recipe depends on it (``fastclr.recipes``)."""
+    if channels:
+        return channels
+    if dataset in DATASETS or dataset == "kmnist":
+        return 1
+    if dataset in TORCHVISION:
+        return 3
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_file():
+            return _npz_channels(path)
+        first = next((p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTS), None)
+        if first is not None:
+            from PIL import Image
+
+            with Image.open(first) as img:
+                return 1 if img.mode in GREY_MODES else 3
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    return 1
+
+
+def _npz_channels(path: Path) -> int:
+    """From the training array's .npy header inside the zip, without reading the array."""
+    with zipfile.ZipFile(path) as z:
+        for names in NPZ_KEYS:
+            member = names["train"] + ".npy"
+            if member in z.namelist():
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape = read(f)[0]
+                return 3 if len(shape) == 4 and shape[-1] in (3, 4) else 1
+    return 1
+
+
 # --------------------------------------------------------------------------- built-in datasets
 
 def _idx_dataset(spec: SourceSpec) -> ImageData:
@@ -315,8 +358,7 @@ def _decode_one(args) -> np.ndarray | str:
     try:
         with Image.open(path) as img:
             img.load()
-            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if img.mode in ("L", "1", "I", "I;16", "F") else
-                                                        "L" if img.mode == "LA" else "RGB")
+            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if img.mode in GREY_MODES else "RGB")
             img = img.convert(mode)
             if size:
                 img = img.resize((size, size), Image.BILINEAR)
