@@ -117,3 +117,37 @@ def test_epoch_data_delivery(benchmark, loader, device):
 
     run(benchmark, epoch, device, rounds=1 if not QUICK else 1, warmup=1 if loader == "torchvision" else 0)
     benchmark.extra_info["images_per_second"] = 2 * len(pairs) * 256 / benchmark.stats.stats.mean
+
+
+COLOR_IMPLS = {"kernel": "fastclr, fused (CPU kernel)", "torch-ops": "fastclr, plain torch ops",
+               "kornia": "Kornia ColorJitter + RandomGrayscale"}
+
+
+def color_jitter(impl: str):
+    """SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1 at p 0.8) then greyscale at p 0.2, as ``impl`` applies it: all
+    three from parameters drawn per sample, the first two by fastclr.sampling on the images' device."""
+    from fastclr.color import RandomColor
+
+    if impl == "kornia":
+        import kornia.augmentation as K
+
+        return torch.nn.Sequential(K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8, order=(0, 1, 2, 3)),
+                                   K.RandomGrayscale(p=0.2))
+    return RandomColor((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, cpu_kernel=impl == "kernel")
+
+
+@pytest.mark.parametrize("impl", list(COLOR_IMPLS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_color_jitter(benchmark, device, impl):
+    """The colour jitter and greyscale on 2 x 512 views of 3 x 32 x 32: fastclr's two-pass C kernel (CPU only),
+    the same steps as plain torch ops (the path GPUs take), and Kornia's modules."""
+    skip_unless_device(device)
+    if impl == "kernel" and (device != "cpu" or not kernels.available()):
+        pytest.skip("fastclr's CPU kernels: CPU only, and they must build here")
+    benchmark.group = f"color-jitter-b512-{device}"
+    describe(benchmark, COLOR_IMPLS[impl], baseline=impl == "kornia")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2 * BATCH, 3, 32, 32, generator=g).to(device)
+    aug = color_jitter(impl)
+    run(benchmark, lambda: aug(x), device, rounds=20, warmup=2)
+    benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean

@@ -53,9 +53,11 @@ RECIPES: dict[str, Recipe] = {
     CUSTOM: Recipe("any other source (an image folder, an .npz file, a torchvision dataset): the MNIST "
                    "augmentation for 5,000 steps, as many epochs as they take",
                    dict(steps=5000)),
-    CUSTOM_COLOR: Recipe("any other colour source: the clothing augmentation with SimCLR's colour jitter and random "
-                         "greyscale in place of the additive jitter, a 512-d embedding, 5,000 steps",
-                         dict(steps=5000, hflip_p=0.5, blur_p=0.5, **_COLOR, **_CLOTHING_NET)),
+    # the hue over the whole colour wheel (0.5, where SimCLR's CIFAR setting has 0.1): on Fashion-MNIST tinted at
+    # random, 5 epochs, k-NN 0.8781 against 0.8517 at hue 0.1 and 0.8608 at SimCLR's strength 1 (docs/recipe.md)
+    CUSTOM_COLOR: Recipe("any other colour source: the clothing augmentation with colour jitter (hue over the whole "
+                         "wheel) and random greyscale in place of the additive jitter, a 512-d embedding, 5,000 steps",
+                         dict(steps=5000, hflip_p=0.5, blur_p=0.5, **{**_COLOR, "color_hue": 0.5}, **_CLOTHING_NET)),
     "cifar10": Recipe("CIFAR-10 on the CIFAR ResNet-18: SimCLR's CIFAR augmentation (crop 0.08-1, flip, colour "
                       "jitter 0.4/0.4/0.4/0.1 at p 0.8, greyscale at p 0.2), batch 512, 200 epochs. Not run on "
                       "CIFAR-10 here (docs/recipe.md)",

@@ -40,3 +40,27 @@ def test_results_table_gives_mean_and_range_per_setting():
     lines = table({"mnist-1": runs}, 3)
     assert "| 0.9820 [0.9800, 0.9840] | 0.9850 [0.9840, 0.9860] | 0.9712 | 3100 [3000, 3200] |" in lines[2]
     assert sum(line.startswith("| mnist-1 |") for line in lines) == 3
+
+
+def test_lightly_settings_follow_the_recipe_and_name_what_they_cannot_express():
+    from benchmarks.compare_lightly import lightly_settings
+    from fastclr.config import TrainConfig
+
+    aug = TrainConfig.from_recipe("custom-color").augment
+    kwargs, missing = lightly_settings(aug, 32, (0.1, 0.2, 0.3), (0.3, 0.3, 0.3), 3)
+    assert (kwargs["cj_bright"], kwargs["cj_contrast"], kwargs["cj_sat"], kwargs["cj_hue"]) == aug.color_factors
+    assert (kwargs["cj_prob"], kwargs["random_gray_scale"], kwargs["min_scale"], kwargs["hf_prob"]) == (
+        aug.color_p, aug.gray_p, aug.crop_min, aug.hflip_p)
+    assert kwargs["cj_strength"] == 1.0 and kwargs["normalize"]["mean"] == [0.1, 0.2, 0.3]
+    assert any(m.startswith("elastic_p") for m in missing) and any(m.startswith("thickness_p") for m in missing)
+    grey, _ = lightly_settings(TrainConfig.from_recipe("mnist").augment, 28, 0.13, 0.31, 1)
+    assert grey["cj_prob"] == 0.0 and grey["rr_degrees"] == 15.0 and grey["normalize"]["std"] == [0.31]
+
+
+def test_compare_lightly_skips_in_one_line_without_lightly(monkeypatch, capsys):
+    from benchmarks import compare_lightly
+
+    monkeypatch.setattr(compare_lightly, "lightly_available", lambda: False)
+    assert compare_lightly.main(["--dataset", "mnist"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "pip install --no-deps lightly lightning-utilities" in out[0]

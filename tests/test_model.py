@@ -138,3 +138,36 @@ def test_a_colour_encoder_round_trips_through_load_encoder(tmp_path):
 def test_images_too_small_for_two_pools_are_one_clear_error():
     with pytest.raises(FastclrError, match="too small"):
         Encoder("cnn", 4, 8, in_channels=1, image_size=(3, 28))
+
+
+# ----------------------------------------------------------------------- resnet18
+
+def test_resnet18_is_the_cifar_variant_at_the_standard_size():
+    """3x3 stride-1 stem, no max-pool, four stages of two basic blocks; at width 32 the standard 64-512 network
+    (11.17 M parameters, the CIFAR ResNet-18 of lightly's and solo-learn's benchmarks) with 512-d features."""
+    enc = Encoder("resnet18", 32, 128, in_channels=3, image_size=(32, 32))
+    stem = enc.body[0]
+    assert (stem.kernel_size, stem.stride, stem.out_channels) == ((3, 3), (1, 1), 64)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in enc.modules())
+    assert enc.out_dim == 512
+    assert round(sum(p.numel() for p in enc.parameters()) / 1e4) == 1117
+
+
+@pytest.mark.parametrize("c, hw", [(3, (32, 32)), (1, (28, 28)), (3, (96, 96)), (1, (8, 8))])
+def test_resnet18_takes_one_or_three_channels_at_any_size(c, hw):
+    enc = Encoder("resnet18", 2, 8, mean=[0.5] * c, std=[0.25] * c, in_channels=c, image_size=hw).eval()
+    assert enc(torch.rand(2, c, *hw)).shape == (2, 32)
+    with pytest.raises(FastclrError, match="at least 8x8"):
+        Encoder("resnet18", 2, 8, in_channels=c, image_size=(6, 6))
+
+
+def test_resnet18_round_trips_through_load_encoder_and_channels_last(tmp_path):
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", 4, 8, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], in_channels=3, image_size=(32, 32)).eval()
+    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
+                "config": {}}, tmp_path / "r.pt")
+    loaded = load_encoder(tmp_path / "r.pt")
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), enc(x))
+    cl = loaded.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), enc(x), rtol=1e-4, atol=1e-5)

@@ -79,3 +79,18 @@ def test_a_step_budget_sets_the_epochs_it_takes():
     assert (total_steps(cfg, 300), epochs_planned(cfg, 300)) == (1000, 4)
     assert total_steps(TrainConfig(steps=1000, max_steps=250), 300) == 250
     assert (total_steps(TrainConfig(epochs=2), 300), epochs_planned(TrainConfig(epochs=2), 300)) == (600, 2)
+
+
+def test_a_colour_source_gets_the_colour_recipe_and_cifar10_its_own(tmp_path):
+    import numpy as np
+
+    from fastclr.recipes import CUSTOM, CUSTOM_COLOR
+
+    np.savez(tmp_path / "rgb.npz", x_train=np.zeros((4, 8, 8, 3), np.uint8))
+    cfg = resolve(["--data", str(tmp_path / "rgb.npz")])
+    assert cfg.recipe == CUSTOM_COLOR and cfg.augment.has_color_jitter and cfg.augment.gray_p == 0.2
+    assert resolve(["--data", str(tmp_path / "rgb.npz"), "--channels", "1"]).recipe == CUSTOM
+    cifar = resolve(["--dataset", "cifar10"])
+    assert (cifar.recipe, cifar.arch) == ("cifar10", "resnet18")
+    assert cifar.augment.color_factors == (0.4, 0.4, 0.4, 0.1) and cifar.augment.crop_min == 0.08
+    assert not (cifar.augment.has_affine or cifar.augment.elastic_p or cifar.augment.thickness_p)

@@ -315,3 +315,15 @@ def test_bad_data_through_the_cli_is_one_line_and_leaves_no_run_folder(tmp_path,
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_peek_channels_reads_the_source_without_loading_it(tmp_path):
+    from fastclr.sources import peek_channels
+
+    np.savez(tmp_path / "rgb.npz", train_images=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez_compressed(tmp_path / "grey.npz", x_train=np.zeros((4, 8, 8), np.uint8))
+    write_pngs(tmp_path / "folder", *shapes(4, 3, 8, 8))
+    write_pngs(tmp_path / "greys", *shapes(4, 1, 8, 8))
+    assert [peek_channels(str(tmp_path / n)) for n in ("rgb.npz", "grey.npz", "folder", "greys")] == [3, 1, 3, 1]
+    assert (peek_channels("mnist"), peek_channels("kmnist"), peek_channels("cifar10"), peek_channels("stl10")) == (1, 1, 3, 3)
+    assert peek_channels(str(tmp_path / "missing")) == 1 and peek_channels(str(tmp_path / "rgb.npz"), channels=1) == 1

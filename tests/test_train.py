@@ -113,3 +113,35 @@ def test_speedrun_honours_target_knn_and_says_when_it_misses(mnist_root, tmp_pat
     assert "target 0.999 NOT reached in 1 epochs" in r.stdout
     r = speedrun_cli("--target", "0.9", "--target-knn", "0.95")
     assert r.returncode == 2 and "disagree" in r.stderr
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_resnet18_trains_a_few_steps_with_amp_and_channels_last(shape):
+    """Three steps of the real training step (bf16 autocast where the CPU has it, channels_last): the loss is
+    finite and every stage's weights move."""
+    from fastclr.sources import ImageData
+    from fastclr.train import build_training, setup_runtime, train_step
+
+    cfg = TrainConfig(arch="resnet18", width=2, batch_size=8, warmup_steps=0, channels_last=True, amp=True,
+                      device="cpu")
+    runtime, _ = setup_runtime(cfg)
+    x = torch.randint(0, 256, (16, *shape), dtype=torch.uint8)
+    data = ImageData(x, None, None, None, None, [0.5] * shape[0], [0.25] * shape[0])
+    torch.manual_seed(0)
+    tr = build_training(cfg, runtime, total_steps=3, data=data)
+    before = [p.detach().clone() for p in tr.model.encoder.parameters()]
+    views = torch.rand(2, 8, *shape)
+    losses = [float(train_step(tr, views[0], views[1])) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    moved = [not torch.equal(a, b) for a, b in zip(before, tr.model.encoder.parameters())]
+    assert sum(moved) >= 0.9 * len(moved)
+
+
+def test_saturation_and_hue_on_one_channel_are_refused_before_the_run(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "grey.npz"
+    np.savez(path, x_train=np.zeros((64, 8, 8), np.uint8), y_train=np.zeros(64, np.int64))
+    r = train_cli("--data", str(path), "--color-saturation", "0.4", "--out", str(tmp_path / "run"), "--batch-size", "8")
+    assert r.returncode != 0
+    assert "need colour images" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
