@@ -1,6 +1,6 @@
 """The measurements behind small choices in the code, each against the alternative it was chosen over (CPU).
 
-Groups: ``views-per-call`` (SimCLRAugment.views_per_call: the fused path per 256 views at 256 and 4,096 views a
+Groups: ``views-per-call`` (augment.views_per_call: the fused path per 256 views at 256 and 4,096 views a
 call), ``max3x3`` (augment._max3x3 against max_pool2d), ``pool-relu-order`` (model._pool_relu: pool then ReLU
 against ReLU then pool, forward + backward), ``blur`` and ``erase`` (fastclr's device-drawn steps against
 Kornia's modules), ``adamw`` (fused AdamW, where backend picks it, against the foreach one).

@@ -77,19 +77,28 @@ class SimCLRAugment(nn.Module):
             ops += [RandomErase(cfg.erase_scale, cfg.erase_p)] if cfg.erase_p > 0 else []
         self.ops = nn.Sequential(*ops)
 
-    @property
-    def views_per_call(self) -> int | None:
-        """How many views a caller should augment per call (DevicePairs follows it). The fused path's cost has a
-        large fixed part (the parameter draws, the warp's small matrices: a few hundred small ops), so big calls
-        pay off; Kornia's chain gets slower per view in big calls, so it takes one batch at a time (None).
-        ``benchmarks/bench_augment.py`` times both."""
-        return 4096 if self.impl == "fused" else None
+    def views_per_call(self, shape) -> int | None:
+        """How many views of (C, H, W) ``shape`` a caller should augment per call: :func:`views_per_call`."""
+        return views_per_call(self.impl, shape)
 
     @torch.no_grad()  # views are inputs, not part of the graph: no autograd bookkeeping for the warps
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         y = self.ops(x.float()) if dtype != torch.float32 else self.ops(x)
         return y.clamp_(0.0, 1.0).to(dtype)
+
+
+FUSED_BLOCK_PIXELS = 4096 * 28 * 28
+
+
+def views_per_call(impl: str, shape) -> int | None:
+    """Views of (C, H, W) ``shape`` per augmentation call, the one rule DevicePairs and the memory check follow.
+    The fused path's cost has a large fixed part (the parameter draws, the warp's small matrices: a few hundred
+    small ops), so it takes 4,096 28 x 28 views' worth of pixels a call; Kornia's chain gets slower per view in
+    big calls, so it takes one batch at a time (None). ``benchmarks/bench_choices.py`` times both."""
+    if impl != "fused":
+        return None
+    return max(1, FUSED_BLOCK_PIXELS // (int(shape[0]) * int(shape[1]) * int(shape[2])))
 
 
 def kornia_modules(cfg: AugConfig, size: tuple[int, int] | None = None) -> dict[str, nn.Module]:

@@ -222,8 +222,8 @@ class PairSource:
 class DevicePairs(PairSource):
     """Yields ``(view1, view2)`` float batches augmented on the device; one uint8 copy of the data there.
 
-    Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 for the
-    fused SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's
+    Views are made ``block_views`` at a time (default: the augmentation's ``views_per_call``, 4,096 28 x 28 views
+    for the fused SimCLRAugment: 16 batches of 128 pairs; else one batch) and handed out batch by batch. Why: a call's
     fixed cost (drawing the parameters, building the warp's matrices: a few hundred small ops) is paid once
     per block instead of once per step; parameters are still drawn per sample. Each block's randomness comes
     from its own seed (the epoch's seed from ``generator``, plus the block's first batch), so a run resumed
@@ -242,7 +242,8 @@ class DevicePairs(PairSource):
         # uint8 on the device: 4x smaller than float and the conversion fuses with the gather
         self.images = images.to(device, non_blocking=True)
         self.device, self.augment = device, augment
-        block_views = block_views or getattr(augment, "views_per_call", None) or 2 * batch_size
+        per_call = augment.views_per_call(tuple(images.shape[1:])) if hasattr(augment, "views_per_call") else None
+        block_views = block_views or per_call or 2 * batch_size
         self.block = max(1, block_views // (2 * batch_size))            # batches per augmentation call
 
     def _rng_devices(self) -> list[int]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import backend
-from .augment import SimCLRAugment
+from .augment import SimCLRAugment, views_per_call
 from .capture import CapturedStep
 from .checkpoint import (TrainState, loop_state, make_payload, read_resume_checkpoint, restore_training,
                          write_checkpoint)
@@ -304,11 +304,10 @@ def check_memory(train_x: torch.Tensor, cfg: TrainConfig, runtime: backend.Runti
 
 
 def views_per_block(cfg: TrainConfig, shape) -> int:
-    """Views per augmentation call: 4,096 28 x 28 views' worth of pixels (the fused path's fixed cost per call is
-    paid once per block), at least one batch of pairs; one batch for Kornia's chain."""
-    if cfg.aug_impl != "fused" or not cfg.aug:
-        return 2 * cfg.batch_size
-    return max(2 * cfg.batch_size, 4096 * 28 * 28 // int(np.prod(shape)))
+    """Views per augmentation call for (C, H, W) images: ``fastclr.augment.views_per_call``'s rule, at least one
+    batch of pairs."""
+    per_call = views_per_call(cfg.aug_impl, shape) if cfg.aug else None
+    return max(2 * cfg.batch_size, per_call or 0)
 
 
 class Clock:

@@ -222,12 +222,22 @@ def test_the_torchvision_pipeline_honours_every_recipe_setting(recipe):
     steps = _steps(torchvision_transform(cfg, (28, 28)))
     crop, _ = steps["RandomResizedCrop"]
     assert tuple(crop.scale) == cfg.crop_scale and tuple(crop.ratio) == tuple(cfg.crop_ratio)
-    affine, _ = steps["RandomAffine"]
-    assert list(affine.degrees) == [-cfg.degrees, cfg.degrees] and tuple(affine.translate) == (cfg.translate,) * 2
-    assert tuple(affine.scale) == tuple(cfg.zoom) and list(affine.shear)[:2] == [-cfg.shear, cfg.shear]
-    elastic, p = steps["ElasticTransform"]
-    assert p == cfg.elastic_p and list(elastic.sigma) == [cfg.elastic_sigma] * 2
-    assert list(elastic.alpha) == [cfg.elastic_alpha * 28] * 2            # Kornia's grid units -> torchvision's
+    assert ("RandomAffine" in steps) == cfg.has_affine and ("ElasticTransform" in steps) == (cfg.elastic_p > 0)
+    if cfg.has_affine:
+        affine, _ = steps["RandomAffine"]
+        assert list(affine.degrees) == [-cfg.degrees, cfg.degrees] and tuple(affine.translate) == (cfg.translate,) * 2
+        assert tuple(affine.scale) == tuple(cfg.zoom) and list(affine.shear)[:2] == [-cfg.shear, cfg.shear]
+    if cfg.elastic_p:
+        elastic, p = steps["ElasticTransform"]
+        assert p == cfg.elastic_p and list(elastic.sigma) == [cfg.elastic_sigma] * 2
+        assert list(elastic.alpha) == [cfg.elastic_alpha * 28] * 2            # Kornia's grid units -> torchvision's
+    assert ("ColorJitter" in steps) == cfg.has_color_jitter and ("RandomGrayscale" in steps) == (cfg.gray_p > 0)
+    if cfg.has_color_jitter:
+        jitter, p = steps["ColorJitter"]
+        assert p == cfg.color_p and jitter.hue == (-cfg.color_hue, cfg.color_hue)
+        assert jitter.brightness == (1 - cfg.color_brightness, 1 + cfg.color_brightness)
+    if cfg.gray_p:
+        assert steps["RandomGrayscale"][1] == cfg.gray_p
     assert ("RandomHorizontalFlip" in steps) == (cfg.hflip_p > 0)
     if cfg.hflip_p:
         assert steps["RandomHorizontalFlip"][1] == cfg.hflip_p
@@ -273,9 +283,16 @@ def test_the_fused_pipeline_honours_every_recipe_setting(recipe):
 
     cfg = _recipe_aug(recipe)
     ops = {type(m).__name__: m for m in SimCLRAugment(cfg).ops}
-    assert ops["FusedWarp"].cfg is cfg and ops["FusedWarp"].steps == {"crop", "affine", "elastic"} | (
-        {"flip"} if cfg.hflip_p else set())
-    assert ops["RandomThickness"].p == cfg.thickness_p
+    wanted = {"crop": cfg.crop_scale is not None, "affine": cfg.has_affine, "elastic": cfg.elastic_p > 0,
+              "flip": cfg.hflip_p > 0}
+    assert ops["FusedWarp"].cfg is cfg and ops["FusedWarp"].steps == {k for k, on in wanted.items() if on}
+    assert ("RandomThickness" in ops) == (cfg.thickness_p > 0)
+    if cfg.thickness_p:
+        assert ops["RandomThickness"].p == cfg.thickness_p
+    assert ("RandomColor" in ops) == (cfg.has_color_jitter or cfg.gray_p > 0)
+    if cfg.has_color_jitter:
+        m = ops["RandomColor"]
+        assert (m.factors, m.p, m.gray_p) == (cfg.color_factors, cfg.color_p, cfg.gray_p)
     assert ("RandomIntensity" in ops) == cfg.has_jitter
     if cfg.has_jitter:
         m = ops["RandomIntensity"]
