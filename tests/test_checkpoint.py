@@ -188,5 +188,7 @@ def test_fastclr_eval_reproduces_a_checkpoint_from_before_the_change(mnist_root,
     shutil.copy(OLD_CKPT, tmp_path / "checkpoint.pt")
     assert main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--data-dir", str(mnist_root), "--device", "cpu"]) == 0
     got = json.loads((tmp_path / "eval_metrics.json").read_text())
-    assert got["knn_accuracy"] == pytest.approx(json.loads(OLD_METRICS.read_text())["knn_accuracy"], abs=1e-6)
+    # within 3 of the 10,000 test images: another CPU's bf16 kernels move a near-tied vote (seen: one image, at
+    # commit e9ebf83 as well as after it, on a different 2-core machine than the one that wrote the fixture)
+    assert got["knn_accuracy"] == pytest.approx(json.loads(OLD_METRICS.read_text())["knn_accuracy"], abs=3e-4)
     assert "pixel_knn_accuracy" not in got and "linear_probe_accuracy" not in got   # the saved run's settings
