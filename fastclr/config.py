@@ -234,7 +234,8 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, name: str | None = None, **overrides) -> "TrainConfig":
         """Recipe ``name`` (default: the dataset's own, ``overrides.get("dataset", "mnist")``, or the custom one for
-        its channels) under the flat ``overrides``; the config records the recipe's name. FastclrError for an unknown recipe or field."""
+        its channels) under the flat ``overrides``; the config records the recipe's name. FastclrError for an
+        unknown recipe or field."""
         if not name:
             from .sources import peek_channels
 

@@ -128,7 +128,8 @@ def peek_channels(dataset: str, channels: int = 0) -> int:
     try:
         if path.is_file():
             return _npz_channels(path)
-        first = next((p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTS), None)
+        # the first image the walk meets, not the first in sorted order: sorting would list a whole tree first
+        first = next((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS), None)
         if first is not None:
             from PIL import Image
 

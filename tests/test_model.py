@@ -23,13 +23,17 @@ def test_channels_last_gives_same_output():
     torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-5)
 
 
+def round_trip(enc, path):
+    """``enc`` saved as a checkpoint holding only its encoder, and loaded back with load_encoder."""
+    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
+                "config": {}}, path)
+    return load_encoder(path)
+
+
 def test_load_encoder_round_trip(tmp_path):
     torch.manual_seed(0)
     enc = Encoder("cnn", 8, 32, 0.2, 0.3).eval()
-    path = tmp_path / "c.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
-                "config": {}}, path)
-    loaded = load_encoder(path)
+    loaded = round_trip(enc, tmp_path / "c.pt")
     assert not loaded.training
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), enc(x))
@@ -127,9 +131,7 @@ def test_per_channel_statistics_normalise_each_channel():
 def test_a_colour_encoder_round_trips_through_load_encoder(tmp_path):
     torch.manual_seed(0)
     enc = Encoder("cnn", 8, 16, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], in_channels=3, image_size=(32, 32)).eval()
-    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
-                "config": {}}, tmp_path / "c.pt")
-    loaded = load_encoder(tmp_path / "c.pt")
+    loaded = round_trip(enc, tmp_path / "c.pt")
     assert loaded.hparams["in_channels"] == 3 and tuple(loaded.hparams["image_size"]) == (32, 32)
     x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(loaded(x), enc(x))
@@ -164,9 +166,7 @@ def test_resnet18_takes_one_or_three_channels_at_any_size(c, hw):
 def test_resnet18_round_trips_through_load_encoder_and_channels_last(tmp_path):
     torch.manual_seed(0)
     enc = Encoder("resnet18", 4, 8, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], in_channels=3, image_size=(32, 32)).eval()
-    torch.save({"format": CHECKPOINT_FORMAT, "encoder_hparams": enc.hparams, "encoder": enc.state_dict(),
-                "config": {}}, tmp_path / "r.pt")
-    loaded = load_encoder(tmp_path / "r.pt")
+    loaded = round_trip(enc, tmp_path / "r.pt")
     x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(loaded(x), enc(x))
     cl = loaded.to(memory_format=torch.channels_last)
