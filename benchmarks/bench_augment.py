@@ -151,3 +151,20 @@ def test_color_jitter(benchmark, device, impl):
     aug = color_jitter(impl)
     run(benchmark, lambda: aug(x), device, rounds=20, warmup=2)
     benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_blur(benchmark, impl):
+    """RandomBlur (p = 1) on 2 x 512 views of 3 x 32 x 32: fastclr's one-pass C kernel against its plain torch
+    passes (the path GPUs take)."""
+    from fastclr.augment import RandomBlur
+
+    if impl == "kernel" and not kernels.available():
+        pytest.skip("fastclr's CPU kernels must build here")
+    benchmark.group = "blur-b512-cpu"
+    describe(benchmark, {"kernel": "fastclr C kernel", "torch": "torch ops"}[impl], baseline=impl == "torch")
+    x = torch.rand(2 * BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blur = RandomBlur((0.1, 2.0), p=1.0, cpu_kernel=impl == "kernel")
+    params = blur.draw(len(x), x.device)
+    run(benchmark, lambda: blur(x, params), "cpu", rounds=20, warmup=2)
+    benchmark.extra_info["images_per_second"] = 2 * BATCH / benchmark.stats.stats.mean

@@ -73,7 +73,7 @@ class SimCLRAugment(nn.Module):
         if impl == "kornia":
             ops += [ref[k] for k in ("blur", "erase") if k in ref]
         else:
-            ops += [RandomBlur(cfg.blur_sigma, cfg.blur_p)] if cfg.blur_p > 0 else []
+            ops += [RandomBlur(cfg.blur_sigma, cfg.blur_p, cpu_kernels)] if cfg.blur_p > 0 else []
             ops += [RandomErase(cfg.erase_scale, cfg.erase_p)] if cfg.erase_p > 0 else []
         self.ops = nn.Sequential(*ops)
 
@@ -202,12 +202,15 @@ class RandomBlur(nn.Module):
     a grouped convolution over the chosen samples (4x faster on 4,096 28x28 views, 2 CPU threads). k = 0 for the
     samples not drawn leaves them exactly as they were, so no select is needed.
 
+    ``cpu_kernel``: on CPU, ``fastclr.kernels.blur3`` does both axes in one pass per image, from cache (the same
+    values to float rounding; ``benchmarks/bench_augment.py`` times both).
+
     Shape: x (B, C, H, W) float, H and W >= 2; output the same shape.
     """
 
-    def __init__(self, sigma: tuple[float, float] = (0.1, 1.0), p: float = 0.5):
+    def __init__(self, sigma: tuple[float, float] = (0.1, 1.0), p: float = 0.5, cpu_kernel: bool = False):
         super().__init__()
-        self.sigma, self.p = tuple(sigma), p
+        self.sigma, self.p, self.cpu_kernel = tuple(sigma), p, cpu_kernel
 
     def draw(self, b: int, device) -> dict:
         """``{"sigma": (B,), "batch_prob": (B,)}`` in Kornia's format (1.0 for the samples blurred)."""
@@ -216,7 +219,10 @@ class RandomBlur(nn.Module):
     def forward(self, x: Tensor, params: dict | None = None) -> Tensor:
         params = self.draw(x.shape[0], x.device) if params is None else params
         side = get_gaussian_kernel1d(3, params["sigma"].to(x.device, x.dtype)[:, None])[:, 0]   # (B,): k
-        k = torch.where(params["batch_prob"].to(x.device).bool(), side, 0.0).view(-1, 1, 1, 1)
+        k = torch.where(params["batch_prob"].to(x.device).bool(), side, 0.0)
+        if self.cpu_kernel and kernels.blur_kernel_supported(x):
+            return kernels.blur3(x, k)
+        k = k.view(-1, 1, 1, 1)
         return _blur3(_blur3(x, k, -1), k, -2)
 
 

@@ -7,8 +7,12 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
   ``F.relu(F.max_pool2d(x, 2))``, ties included (the first maximum in raster order).
 * :func:`conv3x3_pool_relu` (autograd): the tutorial network's first block, a 3x3 conv with one input channel
   on the normalised image, then the pool and the ReLU, without writing the full-resolution conv output.
+* :func:`bn_act` (autograd): the cnn's training-mode ``BatchNorm2d`` with the max-pool + ReLU, the ReLU +
+  average pool, or the ReLU after it, two passes each way (``F.batch_norm`` and the layers' gradients, to float
+  rounding).
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
+* :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
 * :func:`color_jitter`: ``fastclr.color.RandomColor``'s four jitters and greyscale, two passes per image.
 
 Each is a ``torch.library`` custom op (``torch.ops.fastclr.*``: schema, fake function, autograd formula), so
@@ -84,10 +88,18 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pool_relu_bwd.argtypes = [P, I, P, I, P, I, I, I, I, P, I]
     lib.conv1_pool_relu_fwd.argtypes = [P, I, I, I, P, P, I, F, F, P, I, P]
     lib.conv1_pool_relu_bwd.argtypes = [P, I, I, I, I, F, F, P, I, P, I, P, P, P, I]
-    lib.warp_sample.argtypes = [P, I, I, I, I, I, P, I, P, P, P, I, F, F, I, P]
+    lib.warp_sample.argtypes = [P, I, I, I, I, I, I, P, I, P, P, P, I, F, F, I, P]
     lib.thickness.argtypes = [P, I, I, I, P, P]
     lib.color_jitter.argtypes = [P, I, I, I, P, P]
+    lib.blur3.argtypes = [P, ctypes.c_long, I, I, P, P]
+    lib.blur3.restype = None
     lib.color_jitter.restype = None
+    lib.bn_stats.argtypes = [P, I, ctypes.c_long, I, P, I]
+    lib.bn_stats.restype = None
+    lib.bn_act_fwd.argtypes = [P, I, I, I, I, I, P, P, I, P, P]
+    lib.bn_act_bwd_sums.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, I]
+    lib.bn_act_bwd_dx.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, P, P]
+    lib.bn_act_fwd.restype = lib.bn_act_bwd_sums.restype = lib.bn_act_bwd_dx.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -317,11 +329,140 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
                            _cpu_autocast_dtype() == torch.bfloat16)[0].permute(0, 3, 1, 2)
 
 
+# --------------------------------------------------------------------------- training BatchNorm + pool + ReLU
+
+BN_RELU, BN_MAXPOOL_RELU, BN_RELU_AVGPOOL = 0, 1, 2      # bn_act's modes (the C file's header says what each is)
+
+
+def _bn_affine(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """BN as z = y * scale + shift, with invstd = 1 / sqrt(var + eps). The forward and the backward both call this
+    on the same f32 mean and var, so the backward's recomputed pool choices are the forward's, bit for bit."""
+    invstd = (var.double() + eps).rsqrt()
+    scale = weight.double() * invstd
+    shift = bias.double() - mean.double() * scale
+    return invstd, scale.float().contiguous(), shift.float().contiguous()
+
+
+def _bn_out_shape(y: Tensor, mode: int) -> tuple[int, int, int, int]:
+    n, c, h, w = y.shape
+    s = 1 if mode == BN_RELU else 2
+    return n, h // s, w // s, c
+
+
+@torch.library.custom_op("fastclr::bn_act", mutates_args=())
+def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
+            mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y (N, C, H, W) -> out (N, H', W', C) in y's dtype; idx, the max-pool's window choices (N, H', W', C) uint8
+    (BN_MAXPOOL_RELU; else empty); the batch mean (C,) and biased variance (C,), f32."""
+    n, c, h, w = y.shape
+    yh = _nhwc(y)                                    # held: a temporary's pointer would dangle in the call
+    lib, pixels = _lib(), n * h * w
+    t = max(1, min(torch.get_num_threads(), pixels // 16))
+    part = torch.empty(t, 3, c, dtype=torch.float64)  # per thread: sums of y - K, of (y - K)^2, and K
+    lib.bn_stats(yh.data_ptr(), _is_bf16(y), pixels, c, part.data_ptr(), t)
+    shifted = part[:, 0].sum(0) / pixels
+    var = (part[:, 1].sum(0) / pixels - shifted ** 2).clamp_min(0).float()
+    mean = (shifted + part[0, 2]).float()
+    _, scale, shift = _bn_affine(weight, bias, mean, var, eps)
+    out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
+    idx = torch.empty(_bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,), dtype=torch.uint8)
+    if lib.bn_act_fwd(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mode,
+                      out.data_ptr(), idx.data_ptr()) != 0:
+        raise ValueError("bn_act called on an unsupported shape (see bn_act_supported)")
+    return out, idx, mean, var
+
+
+@_bn_act.register_fake
+def _(y, weight, bias, eps, mode):
+    c, shape = y.shape[1], _bn_out_shape(y, mode)
+    idx = y.new_empty(shape if mode == BN_MAXPOOL_RELU else (0,), dtype=torch.uint8)
+    return y.new_empty(shape), idx, y.new_empty(c, dtype=torch.float32), y.new_empty(c, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastclr::bn_act_backward", mutates_args=())
+def _bn_act_backward(g: Tensor, y: Tensor, out: Tensor, idx: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                     var: Tensor, eps: float, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+    """g (N, H', W', C), y (N, C, H, W) and the forward's out and idx -> dy (N, H, W, C) in y's dtype,
+    dweight (C,), dbias (C,).
+
+    With gz the gradient at z (ReLU's mask and the pool's routing applied to g), M = N H W and
+    xhat = (y - mean) * invstd: dbias = sum gz, dweight = sum gz xhat, and
+    dy = scale * (gz - dbias / M - xhat * dweight / M), written as scale * gz + b * (y - mean) + c."""
+    n, c, h, w = y.shape
+    yh, gh, out, idx = _nhwc(y), g.to(y.dtype).contiguous(), out.contiguous(), idx.contiguous()
+    lib, pixels = _lib(), n * h * w
+    invstd, scale, shift = _bn_affine(weight, bias, mean, var, eps)
+    mean32 = mean.float().contiguous()
+    t = max(1, min(torch.get_num_threads(), gh.shape[0] * gh.shape[1]))
+    part = torch.empty(t, 2, c, dtype=torch.float64)
+    if lib.bn_act_bwd_sums(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(),
+                           mean32.data_ptr(), mode, out.data_ptr(), idx.data_ptr(), gh.data_ptr(),
+                           part.data_ptr(), t) != 0:
+        raise ValueError("bn_act backward called on an unsupported shape")
+    dbias = part[:, 0].sum(0)
+    dweight = invstd * part[:, 1].sum(0)
+    b = (-scale.double() * invstd * dweight / pixels).float().contiguous()
+    cc = (-scale.double() * dbias / pixels).float().contiguous()
+    dy = torch.empty(n, h, w, c, dtype=y.dtype)
+    lib.bn_act_bwd_dx(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mean32.data_ptr(),
+                      mode, out.data_ptr(), idx.data_ptr(), gh.data_ptr(), b.data_ptr(), cc.data_ptr(), dy.data_ptr())
+    return dy, dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@_bn_act_backward.register_fake
+def _(g, y, out, idx, weight, bias, mean, var, eps, mode):
+    n, c, h, w = y.shape
+    return y.new_empty(n, h, w, c), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _bn_act_setup(ctx, inputs, output):
+    y, weight, bias, eps, mode = inputs
+    out, idx, mean, var = output
+    ctx.mark_non_differentiable(idx, mean, var)
+    ctx.save_for_backward(y, out, idx, weight, bias, mean, var)
+    ctx.eps_mode = (eps, mode)
+
+
+def _bn_act_grad(ctx, g_out, g_idx, g_mean, g_var):
+    y, out, idx, weight, bias, mean, var = ctx.saved_tensors
+    dy, dweight, dbias = _bn_act_backward(g_out, y, out, idx, weight, bias, mean, var, *ctx.eps_mode)
+    return dy.permute(0, 3, 1, 2), dweight, dbias, None, None
+
+
+_bn_act.register_autograd(_bn_act_grad, setup_context=_bn_act_setup)
+
+
+def bn_act_supported(x: Tensor, bn: nn.Module, mode: int) -> bool:
+    """The fused BN kernel takes a training-mode ``BatchNorm2d`` (affine, running statistics, a momentum) on a CPU
+    (N, C, H, W) f32/bf16 input with C % 16 == 0, C <= 512, more than one value per channel, and even H and W
+    where it pools. In eval mode BN uses its running statistics: the encoder's ATen layers run then."""
+    return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
+            and bn.momentum is not None and bn.weight.dtype == torch.float32 and bn.weight.device.type == "cpu"
+            and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES and x.shape[1] % 16 == 0
+            and x.shape[1] <= 512 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and (mode == BN_RELU or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)) and available())
+
+
+def bn_act(x: Tensor, bn: nn.BatchNorm2d, mode: int) -> Tensor:
+    """Training-mode ``bn`` followed by, per ``mode``: ``relu`` (BN_RELU), ``relu(max_pool2d(., 2))``
+    (BN_MAXPOOL_RELU) or ``avg_pool2d(relu(.), 2)`` (BN_RELU_AVGPOOL), as one op each way; ``bn``'s running
+    statistics are updated as ``nn.BatchNorm2d`` updates them. (N, C, H, W) -> (N, C, H', W') channels_last, in
+    x's dtype. Check :func:`bn_act_supported` first."""
+    out, _, mean, var = _bn_act(x, bn.weight, bn.bias, float(bn.eps), mode)
+    with torch.no_grad():
+        values = x.numel() // x.shape[1]
+        bn.running_mean.lerp_(mean, bn.momentum)
+        bn.running_var.lerp_(var * (values / (values - 1)), bn.momentum)     # the unbiased variance, as ATen
+        bn.num_batches_tracked.add_(1)
+    return out.permute(0, 3, 1, 2)
+
+
 # --------------------------------------------------------------------------- FusedWarp's resampling
 
 def view_kernels_supported(x: Tensor) -> bool:
-    """The augmentation kernels (warp_sample, thickness) take CPU f32 (B, 1, H, W) images that need no gradient,
-    W <= MAX_WIDTH."""
+    """The augmentation kernels (warp_sample, thickness) take CPU f32 images that need no gradient, W <= MAX_WIDTH:
+    thickness (B, 1, H, W) (its callers pass C channels as C samples), warp_sample any C (check its (B * C, 1, H, W)
+    view)."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1 and x.dtype == torch.float32
             and not x.requires_grad and x.shape[0] > 0 and x.shape[3] <= MAX_WIDTH and available())
 
@@ -329,15 +470,15 @@ def view_kernels_supported(x: Tensor) -> bool:
 @torch.library.custom_op("fastclr::warp_sample", mutates_args=())
 def _warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames: Tensor, h: int, w: int,
                  border: bool) -> Tensor:
-    b, _, h_in, w_in = x.shape
+    b, c, h_in, w_in = x.shape
     r = core.shape[-1]
     x = x.contiguous()
     core, ybasis = core.float().contiguous(), ybasis.float().contiguous()
     xbasis_t = xbasis.new_zeros(r, (w + 15) // 16 * 16)                 # (R, W) zero-padded to whole vectors
     xbasis_t[:, :w] = xbasis.t()
     frames = frames.float().contiguous()
-    out = torch.empty(b, 1, h, w)
-    _lib().warp_sample(x.data_ptr(), b, h_in, w_in, h, w, core.data_ptr(), r, ybasis.data_ptr(),
+    out = torch.empty(b, c, h, w)
+    _lib().warp_sample(x.data_ptr(), b, c, h_in, w_in, h, w, core.data_ptr(), r, ybasis.data_ptr(),
                        xbasis_t.data_ptr(), frames.data_ptr(), frames.shape[1], (w - 1) / 2, (h - 1) / 2,
                        int(border), out.data_ptr())
     return out
@@ -345,14 +486,14 @@ def _warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames
 
 @_warp_sample.register_fake
 def _(x, core, ybasis, xbasis, frames, h, w, border):
-    return x.new_empty(x.shape[0], 1, h, w)
+    return x.new_empty(x.shape[0], x.shape[1], h, w)
 
 
 def warp_sample(x: Tensor, core: Tensor, ybasis: Tensor, xbasis: Tensor, frames: Tensor,
                 size: tuple[int, int], border: bool) -> Tensor:
     """``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear ``grid_sample`` (align_corners=True) in
     one pass: the grid is built row by row from its low-rank core and never stored. Shapes as in
-    ``fastclr.warp.WarpPlan``; x (B, 1, H_in, W_in) -> (B, 1, *size)."""
+    ``fastclr.warp.WarpPlan``; x (B, C, H_in, W_in) -> (B, C, *size), one grid for the C channels."""
     h, w = size
     if core.shape[-1] > 32 or w > MAX_WIDTH:
         raise ValueError(f"warp_sample takes rank <= 32 and width <= {MAX_WIDTH}, got {core.shape[-1]} and {w}")
@@ -380,6 +521,33 @@ def thickness(x: Tensor, sign: Tensor) -> Tensor:
     if x.shape[3] > MAX_WIDTH:
         raise ValueError(f"thickness takes width <= {MAX_WIDTH}, got {x.shape[3]}")
     return _thickness(x, sign)
+
+
+def blur_kernel_supported(x: Tensor) -> bool:
+    """The blur kernel takes CPU f32 (B, C, H, W) images that need no gradient, 2 <= H, 2 <= W <= MAX_WIDTH."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and not x.requires_grad
+            and x.shape[0] * x.shape[1] > 0 and x.shape[2] >= 2 and 2 <= x.shape[3] <= MAX_WIDTH and available())
+
+
+@torch.library.custom_op("fastclr::blur3", mutates_args=())
+def _blur3(x: Tensor, k: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    x = x.contiguous()
+    planes = k.float().view(b, 1).expand(b, c).contiguous()          # one k per plane: the sample's
+    out = torch.empty_like(x)
+    _lib().blur3(x.data_ptr(), b * c, h, w, planes.data_ptr(), out.data_ptr())
+    return out
+
+
+@_blur3.register_fake
+def _(x, k):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def blur3(x: Tensor, k: Tensor) -> Tensor:
+    """RandomBlur's filter: per sample the 3-tap kernel [k, 1 - 2k, k] along W, then along H, reflected at the
+    edges. x (B, C, H, W) f32 CPU (check :func:`blur_kernel_supported`), k (B,) (0: the sample is copied)."""
+    return _blur3(x, k)
 
 
 def color_kernel_supported(x: Tensor) -> bool:

@@ -152,8 +152,10 @@ class Encoder(nn.Module):
 
     def _forward_with_kernels(self, x: Tensor) -> Tensor:
         """``body`` run with fastclr.kernels where a layer pattern and its input allow, else layer by layer:
-        Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included), and
-        every later MaxPool2d(2) -> ReLU pair another. The same function (tests/test_kernels.py)."""
+        Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included); in
+        training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by ReLU becomes one
+        (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another. The same function
+        (tests/test_kernels.py, tests/test_model.py)."""
         layers = list(self.body)
         i = 0
         if _is_pool_relu(layers, 1) and isinstance(layers[0], nn.Conv2d) \
@@ -163,7 +165,10 @@ class Encoder(nn.Module):
         else:
             x = (x - self.mean) / self.std
         while i < len(layers):
-            if _is_pool_relu(layers, i) and kernels.pool_relu_supported(x):
+            mode, span = _bn_pattern(layers, i)
+            if mode is not None and kernels.bn_act_supported(x, layers[i], mode):
+                x, i = kernels.bn_act(x, layers[i], mode), i + span
+            elif _is_pool_relu(layers, i) and kernels.pool_relu_supported(x):
                 x, i = kernels.pool_relu(x), i + 2
             else:
                 x, i = layers[i](x), i + 1
@@ -181,6 +186,23 @@ def _stat(v, channels: int) -> Tensor:
 def _scalar(v) -> float:
     """A one-channel statistic as the number it was given as (the first block's kernel takes one)."""
     return float(v) if isinstance(v, (int, float)) else float(v[0])
+
+
+def _bn_pattern(layers: list[nn.Module], i: int) -> tuple[int | None, int]:
+    """Which fused BN kernel mode the layers from i on match, and how many layers it replaces ((None, 0): none)."""
+    if not isinstance(layers[i], nn.BatchNorm2d) or i + 1 >= len(layers):
+        return None, 0
+    if _is_pool_relu(layers, i + 1):
+        return kernels.BN_MAXPOOL_RELU, 3
+    if not isinstance(layers[i + 1], nn.ReLU):
+        return None, 0
+    if i + 2 < len(layers) and isinstance(layers[i + 2], nn.AvgPool2d):
+        p = layers[i + 2]
+        if p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0)) \
+                and p.divisor_override is None:
+            return kernels.BN_RELU_AVGPOOL, 3
+        return None, 0                      # another pool: BN and ReLU fused, then ATen's pool
+    return kernels.BN_RELU, 2
 
 
 def _is_pool_relu(layers: list[nn.Module], i: int) -> bool:

@@ -118,12 +118,8 @@ class FusedWarp(nn.Module):
         # the image border). Kornia's crop never pads: it reads inside the box.
         border = "crop" in params
         b, c = x.shape[:2]
-        flat = x.reshape(b * c, 1, *x.shape[2:])    # the kernel takes one channel: C channels are C samples
-        if self.cpu_kernel and plan.dense is None and kernels.view_kernels_supported(flat):
-            per_channel = (lambda t: t.repeat_interleave(c, 0)) if c > 1 else (lambda t: t)
-            y = kernels.warp_sample(flat, per_channel(plan.core), plan.ybasis, plan.xbasis, per_channel(plan.frames),
-                                    plan.size, border)
-            return y.view(b, c, *plan.size)
+        if self.cpu_kernel and plan.dense is None and kernels.view_kernels_supported(x.reshape(b * c, 1, *x.shape[2:])):
+            return kernels.warp_sample(x, plan.core, plan.ybasis, plan.xbasis, plan.frames, plan.size, border)
         grid, inside = self.maps(plan)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border" if border else "zeros", align_corners=True)
         return y if inside is None else y * inside[:, None]

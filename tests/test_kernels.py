@@ -109,12 +109,18 @@ def test_encoder_with_kernels_equals_layers(arch, width, kernel_calls):
         grads.append({k: p.grad.clone() for k, p in enc.named_parameters()})
         if not on:
             assert not kernel_calls
-    # the tutorial net's first conv has a bias: its first block is one kernel; the cnn's (conv-BN) is not
-    assert kernel_calls.get("pool_relu") == (1 if arch == "tutorial" else 2)
+    # the tutorial net's first conv has a bias: its first block is one kernel; the cnn's BN -> pool -> ReLU twice
+    # and BN -> ReLU once are the fused BN kernel in training
+    assert kernel_calls.get("pool_relu") == (1 if arch == "tutorial" else None)
     assert kernel_calls.get("conv3x3_pool_relu") == (1 if arch == "tutorial" else None)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert kernel_calls.get("bn_act") == (None if arch == "tutorial" else 3)
+    # the fused BN sums its statistics in double, ATen in f32: through four BN layers on a batch of 6, about 2e-5
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=5e-5)
     for k in grads[0]:
-        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+        # the first conv's weight gradient sums x * dy where dy (after BN's backward) has mean ~0: it cancels, so
+        # its small entries carry float noise of the gradient's scale (both paths are within 1e-5 of float64 there)
+        atol = 1e-5 * max(1.0, grads[0][k].abs().max().item())
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=atol, msg=k)
 
 
 @needs_kernels
@@ -135,6 +141,128 @@ def test_unsupported_inputs_fall_back_to_layers(kernel_calls):
     enc.cpu_kernels = True
     torch.testing.assert_close(enc(xg), ref, rtol=1e-5, atol=1e-5)
     assert "conv3x3_pool_relu" not in kernel_calls        # an input that needs a gradient: the layers ran
+
+
+# --------------------------------------------------------------------------- training BatchNorm + pool + ReLU
+
+def _bn_reference(x, bn, mode):
+    z = bn(x)
+    if mode == kernels.BN_RELU:
+        return F.relu(z)
+    if mode == kernels.BN_MAXPOOL_RELU:
+        return F.relu(F.max_pool2d(z, 2))
+    return F.avg_pool2d(F.relu(z), 2)
+
+
+def _bn_pair(c, seed=0):
+    """Two equal training-mode BatchNorm2d, with a weight of both signs (a negative scale reverses the max)."""
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn, copy.deepcopy(bn)
+
+
+# f32: the kernel sums in double where ATen sums in f32, so they differ by float rounding. bf16: both round z
+# to bf16 before the pool, so they differ where the statistics' last bit moves a value across a rounding
+# boundary: one bf16 step (2^-8 relative) on a few elements.
+_BN_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [kernels.BN_RELU, kernels.BN_MAXPOOL_RELU, kernels.BN_RELU_AVGPOOL])
+@pytest.mark.parametrize("shape", [(4, 16, 6, 8), (8, 32, 16, 16), (3, 48, 4, 2)])
+def test_bn_act_equals_aten(shape, mode, dtype):
+    """Output, input gradient, weight and bias gradients and running statistics against BatchNorm2d and the
+    pool / ReLU ATen layers, on an input whose mean is far from 0."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 3).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    bn_ref, bn = _bn_pair(shape[1])
+    xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = _bn_reference(xr, bn_ref, mode), kernels.bn_act(xk, bn, mode)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref.backward(g)
+    out.backward(g)
+    tol = _BN_TOL[dtype]
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(xk.grad, xr.grad, **tol)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(bn, name).grad, getattr(bn_ref, name).grad, rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn, name), getattr(bn_ref, name), rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+@needs_kernels
+def test_bn_act_routes_ties_to_the_first_maximum():
+    """Equal values in a window: the gradient goes to the first in raster order, as max_pool2d sends it."""
+    x = _with_ties((3, 16, 8, 8), torch.float32).contiguous(memory_format=torch.channels_last)
+    bn_ref, bn = _bn_pair(16)
+    xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = _bn_reference(xr, bn_ref, kernels.BN_MAXPOOL_RELU), kernels.bn_act(xk, bn, kernels.BN_MAXPOOL_RELU)
+    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+    (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+def test_bn_act_takes_only_what_it_fuses():
+    bn = torch.nn.BatchNorm2d(16)
+    x = torch.randn(2, 16, 4, 4)
+    assert kernels.bn_act_supported(x, bn, kernels.BN_MAXPOOL_RELU)
+    assert not kernels.bn_act_supported(torch.randn(2, 24, 4, 4), torch.nn.BatchNorm2d(24), kernels.BN_RELU)
+    assert not kernels.bn_act_supported(torch.randn(2, 16, 5, 4), bn, kernels.BN_MAXPOOL_RELU)
+    assert kernels.bn_act_supported(torch.randn(2, 16, 5, 5), bn, kernels.BN_RELU)       # no pool: any size
+    assert not kernels.bn_act_supported(x.half(), bn, kernels.BN_RELU)
+    assert not kernels.bn_act_supported(x, bn.eval(), kernels.BN_RELU)                    # running statistics
+    assert not kernels.bn_act_supported(x, torch.nn.BatchNorm2d(16, momentum=None), kernels.BN_RELU)
+    assert not kernels.bn_act_supported(x, torch.nn.BatchNorm2d(16, affine=False), kernels.BN_RELU)
+    assert not kernels.bn_act_supported(torch.randn(1, 16, 1, 1), bn.train(), kernels.BN_RELU)  # one value each
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
+    """The cnn at 3 x 32 x 32 (stage 3: BN -> ReLU -> average pool) and 1 x 28 x 28 (BN -> ReLU), bf16 autocast and
+    channels_last as training runs it, kernels on and off, each against the same network in float64: the fused
+    path's output and gradients are as close to float64 as ATen's (within 1.5x of ATen's error, or 1e-3 of the
+    value's scale), and its running statistics equal ATen's. In eval mode the fused kernel stays off (BN uses its
+    running statistics there)."""
+    torch.manual_seed(0)
+    ref = Encoder("cnn", width=16, embed_dim=64, in_channels=shape[0], image_size=shape[1:])
+    ref = ref.to(memory_format=torch.channels_last)
+    enc, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
+    enc.cpu_kernels = True
+    x = torch.rand(8, *shape).contiguous(memory_format=torch.channels_last)
+    weights = torch.linspace(-1, 1, ref.out_dim)
+    outs = []
+    for e in (ref, enc, exact):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=e is not exact):
+            h = e(x.double() if e is exact else x)
+        (h.double() * weights.double()).sum().backward()
+        outs.append(h.double())
+    assert kernel_calls.get("bn_act") == 3
+
+    def close_as_aten(fused, aten, truth, name):
+        err_fused, err_aten = (fused - truth).abs().max(), (aten - truth).abs().max()
+        assert err_fused <= max(1.5 * err_aten, 1e-3 * truth.abs().max()), (name, err_fused, err_aten)
+
+    close_as_aten(outs[1], outs[0], outs[2], "output")
+    for (name, p), q, t in zip(ref.named_parameters(), enc.parameters(), exact.parameters()):
+        close_as_aten(q.grad.double(), p.grad.double(), t.grad, name)
+    for (name, b), c in zip(ref.named_buffers(), enc.buffers()):
+        # the first BN sees the same input on both paths; later ones see bf16-rounded activations
+        tol = dict(rtol=1e-5, atol=1e-6) if name.startswith("body.1.") else dict(rtol=3e-2, atol=3e-3)
+        torch.testing.assert_close(c.float(), b.float(), **tol, msg=name)
+    enc.load_state_dict(ref.state_dict())       # the same running statistics: eval mode runs the same layers
+    ref.eval(), enc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert kernel_calls.get("bn_act") == 3
 
 
 def test_no_compiler_warns_and_runtime_falls_back(monkeypatch, tmp_path):
@@ -179,12 +307,14 @@ def _warps():
 
 
 @needs_kernels
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", list(_warps()))
-def test_warp_sample_equals_fused_warps_pytorch_ops(name, kernel_calls):
-    """The same plan through the kernel and through grid + weight + grid_sample: equal to 1e-5."""
+def test_warp_sample_equals_fused_warps_pytorch_ops(name, channels, kernel_calls):
+    """The same plan through the kernel and through grid + weight + grid_sample: equal to 1e-5, one channel and
+    three (one grid for all)."""
     fw = _warps()[name]
     torch.manual_seed(0)
-    x = torch.rand(37, 1, 28, 28)
+    x = torch.rand(37, channels, 28, 28)
     params = fw.draw(x.shape)
     fw.cpu_kernel = False
     ref = fw(x, params)
@@ -193,6 +323,26 @@ def test_warp_sample_equals_fused_warps_pytorch_ops(name, kernel_calls):
     assert kernel_calls == {"warp_sample": 1}
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(9, 3, 32, 32), (5, 1, 2, 7), (4, 2, 13, 2)])
+def test_blur_kernel_equals_pytorch_ops(shape, kernel_calls):
+    """RandomBlur through the kernel and through its PyTorch passes on the same draws (some samples not blurred):
+    equal to 1e-6, the samples not drawn exactly."""
+    from fastclr.augment import RandomBlur
+
+    torch.manual_seed(0)
+    x = torch.rand(shape)
+    blur = RandomBlur((0.1, 2.0), p=0.6)
+    params = blur.draw(shape[0], x.device)
+    ref = blur(x, params)
+    blur.cpu_kernel = True
+    out = blur(x, params)
+    assert kernel_calls == {"blur3": 1}
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    kept = params["batch_prob"] == 0
+    assert kept.any() and torch.equal(out[kept], x[kept])
 
 
 @needs_kernels
@@ -261,17 +411,29 @@ def _op_samples():
     fw = FusedWarp(only("crop", "affine", "elastic", translate=0.0, shear=0.0, zoom=(1.0, 1.0), elastic_p=1.0))
     x = torch.rand(3, 1, 28, 28, generator=g)
     plan = fw.plan(x, fw.draw(x.shape))
+    bn = torch.nn.BatchNorm2d(16)
+    bn_ops = [(torch.ops.fastclr.bn_act.default, (px, bn.weight, bn.bias, 1e-5, mode))
+              for px in pool_x for mode in (kernels.BN_RELU, kernels.BN_MAXPOOL_RELU, kernels.BN_RELU_AVGPOOL)]
+    y = pool_x[1].detach()
+    bout, bidx, bmean, bvar = torch.ops.fastclr.bn_act(y, bn.weight.detach(), bn.bias.detach(), 1e-5,
+                                                       kernels.BN_MAXPOOL_RELU)
+    bn_ops.append((torch.ops.fastclr.bn_act_backward.default,
+                   (torch.randn_like(bout), y, bout, bidx, bn.weight.detach(), bn.bias.detach(), bmean, bvar, 1e-5,
+                    kernels.BN_MAXPOOL_RELU)))
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
     cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)
     backward_ops = [(torch.ops.fastclr.pool_relu_backward.default, (torch.randn_like(out), out, idx)),
                     (torch.ops.fastclr.conv3x3_pool_relu_backward.default,
                      (torch.randn_like(cout), x, cout, cidx, 0.13, 0.31))]
-    return ([(torch.ops.fastclr.pool_relu.default, (px,)) for px in pool_x] + backward_ops
+    return ([(torch.ops.fastclr.pool_relu.default, (px,)) for px in pool_x] + backward_ops + bn_ops
             + [(torch.ops.fastclr.conv3x3_pool_relu.default, (x, conv.weight, conv.bias, 0.13, 0.31, bf16))
                for bf16 in (False, True)]
             + [(torch.ops.fastclr.warp_sample.default, (x, plan.core, plan.ybasis, plan.xbasis, plan.frames, 28, 28,
                                                         True)),
+               (torch.ops.fastclr.warp_sample.default, (x.expand(3, 3, 28, 28).contiguous(), plan.core, plan.ybasis,
+                                                        plan.xbasis, plan.frames, 28, 28, False)),
                (torch.ops.fastclr.thickness.default, (x, torch.tensor([1.0, -1.0, 0.0]))),
+               (torch.ops.fastclr.blur3.default, (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([0.2, 0.0, 0.1]))),
                (torch.ops.fastclr.color_jitter.default,
                 (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([[1.0, 1.2, 0.8, 1.1, 0.05, 1.0]] * 3)))])
 

@@ -1,8 +1,8 @@
-/* fastclr CPU kernels, five of them: the encoders' 2x2 max-pool + ReLU and the tutorial net's first block
- * (3x3 conv with one input channel -> 2x2 max-pool -> ReLU), forward and backward; and, for the fused
- * augmentation, the warp's grid + frame weight + bilinear sampling in one pass (warp_sample) and the
- * stroke-thickness max filter on the chosen samples only (thickness); and the colour jitter + random greyscale
- * in two passes per image (color_jitter).
+/* fastclr CPU kernels: the encoders' 2x2 max-pool + ReLU, the tutorial net's first block (3x3 conv with one
+ * input channel -> 2x2 max-pool -> ReLU) and the cnn's training-mode BatchNorm -> pool -> ReLU (bn_act), forward
+ * and backward; and, for the fused augmentation, the warp's grid + frame weight + bilinear sampling in one pass
+ * (warp_sample), the stroke-thickness max filter on the chosen samples only (thickness), the 3-tap blur
+ * (blur3) and the colour jitter + random greyscale in two passes per image (color_jitter).
  *
  * Built by fastclr/kernels.py on first use: cc -O3 -march=native -fopenmp -shared -fPIC.
  * Tensors are channels-last (N, H, W, C); C a multiple of 16, so one 16-float vector (GCC vector
@@ -198,23 +198,24 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
     return 0;
 }
 
-/* FusedWarp's resampling (fastclr/warp.py) for 1-channel images: the sampling grid from its low-rank
- * form, the frame weight, and bilinear sampling (align_corners=True), in one pass per output row.
+/* FusedWarp's resampling (fastclr/warp.py): the sampling grid from its low-rank form, the frame weight, and
+ * bilinear sampling (align_corners=True), in one pass per output row; the row's grid, weight and gather indices
+ * serve all C channels (building the grid costs more than sampling one channel).
  *   grid_k[h, w] = sum_ij ybasis[h, i] core[b, k, i, j] xbasis[w, j]          k = 0 (x), 1 (y); grid units
  *   frame f point t = F[b, f, :, :2] @ grid + F[b, f, :, 2];   weight = prod over f and axes of
  *                     clamp(c + 1 - |t - c|, 0, 1), c = (n - 1) / 2 (cx for x, cy for y)
- *   out[b, h, w] = bilinear(x[b], grid) * weight     (border: coordinates clipped to the image; else zeros)
- * x (B, Hin, Win); core (B, 2, R, R); ybasis (H, R); xbasis_t (R, WP) transposed, zero-padded to WP = W rounded
- * up to a multiple of 16 (whole vectors: no scalar remainder loops); frames (B, NF, 2, 3); out (B, H, W). */
+ *   out[b, c, h, w] = bilinear(x[b, c], grid) * weight     (border: coordinates clipped to the image; else zeros)
+ * x (B, C, Hin, Win); core (B, 2, R, R); ybasis (H, R); xbasis_t (R, WP) transposed, zero-padded to WP = W
+ * rounded up to a multiple of 16 (whole vectors: no scalar remainder loops); frames (B, NF, 2, 3);
+ * out (B, C, H, W). */
 #define MAX_R 32
 #define MAX_W 256
-void warp_sample(const float* x, int B, int Hin, int Win, int H, int W, const float* core, int R,
+void warp_sample(const float* x, int B, int C, int Hin, int Win, int H, int W, const float* core, int R,
                  const float* ybasis, const float* xbasis_t, const float* frames, int NF, float cx, float cy,
                  int border, float* out) {
     #pragma omp parallel for schedule(static)
     for (long bh = 0; bh < (long)B * H; bh++) {
         long b = bh / H; int h = (int)(bh % H);
-        const float* img = x + b * Hin * Win;
         const float* cb = core + b * 2 * R * R;
         int WP = (W + 15) & ~15;
         float row[2][MAX_R], gx[MAX_W], gy[MAX_W], wt[MAX_W];
@@ -242,7 +243,6 @@ void warp_sample(const float* x, int B, int Hin, int Win, int H, int W, const fl
                 wt[w] *= ax * ay;
             }
         }
-        float* o = out + bh * W;
         float lox = border ? 0.f : -2.f, hix = border ? (float)(Win - 1) : (float)Win + 1.f;   /* clip: border */
         float loy = border ? 0.f : -2.f, hiy = border ? (float)(Hin - 1) : (float)Hin + 1.f;   /* or far outside */
         int w = 0;
@@ -267,14 +267,20 @@ void warp_sample(const float* x, int B, int Hin, int Win, int H, int W, const fl
             __mmask16 vy1 = _mm512_cmpge_epi32_mask(y1, zi) & _mm512_cmple_epi32_mask(y1, hmax);
             __m512i win = _mm512_set1_epi32(Win);
             __m512i r0 = _mm512_mullo_epi32(y0, win), r1 = _mm512_mullo_epi32(y1, win);
-            __m512 p00 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx0, _mm512_add_epi32(r0, x0), img, 4);
-            __m512 p01 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx1, _mm512_add_epi32(r0, x1), img, 4);
-            __m512 p10 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx0, _mm512_add_epi32(r1, x0), img, 4);
-            __m512 p11 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx1, _mm512_add_epi32(r1, x1), img, 4);
-            __m512 top = _mm512_fmadd_ps(ex, _mm512_sub_ps(p01, p00), p00);     /* (1 - ex) p00 + ex p01 */
-            __m512 bot = _mm512_fmadd_ps(ex, _mm512_sub_ps(p11, p10), p10);
-            __m512 v = _mm512_fmadd_ps(ey, _mm512_sub_ps(bot, top), top);
-            _mm512_mask_storeu_ps(o + w, live, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, wt + w)));
+            __m512i a00 = _mm512_add_epi32(r0, x0), a01 = _mm512_add_epi32(r0, x1);
+            __m512i a10 = _mm512_add_epi32(r1, x0), a11 = _mm512_add_epi32(r1, x1);
+            __m512 wv = _mm512_maskz_loadu_ps(live, wt + w);
+            for (int c = 0; c < C; c++) {
+                const float* img = x + (b * C + c) * (long)Hin * Win;
+                __m512 p00 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx0, a00, img, 4);
+                __m512 p01 = _mm512_mask_i32gather_ps(zero, live & vy0 & vx1, a01, img, 4);
+                __m512 p10 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx0, a10, img, 4);
+                __m512 p11 = _mm512_mask_i32gather_ps(zero, live & vy1 & vx1, a11, img, 4);
+                __m512 top = _mm512_fmadd_ps(ex, _mm512_sub_ps(p01, p00), p00);     /* (1 - ex) p00 + ex p01 */
+                __m512 bot = _mm512_fmadd_ps(ex, _mm512_sub_ps(p11, p10), p10);
+                __m512 v = _mm512_fmadd_ps(ey, _mm512_sub_ps(bot, top), top);
+                _mm512_mask_storeu_ps(out + ((b * C + c) * (long)H + h) * W + w, live, _mm512_mul_ps(v, wv));
+            }
         }
 #endif
         for (; w < W; w++) {
@@ -283,15 +289,21 @@ void warp_sample(const float* x, int B, int Hin, int Win, int H, int W, const fl
             float fx = floorf(ix), fy = floorf(iy);
             int x0 = (int)fx, y0 = (int)fy, x1 = x0 + 1, y1 = y0 + 1;
             float ex = ix - fx, ey = iy - fy;
-            float p00 = (y0 >= 0 && y0 < Hin && x0 >= 0 && x0 < Win) ? img[y0 * Win + x0] : 0.f;
-            float p01 = (y0 >= 0 && y0 < Hin && x1 >= 0 && x1 < Win) ? img[y0 * Win + x1] : 0.f;
-            float p10 = (y1 >= 0 && y1 < Hin && x0 >= 0 && x0 < Win) ? img[y1 * Win + x0] : 0.f;
-            float p11 = (y1 >= 0 && y1 < Hin && x1 >= 0 && x1 < Win) ? img[y1 * Win + x1] : 0.f;
-            float top = p00 + ex * (p01 - p00), bot = p10 + ex * (p11 - p10);
-            o[w] = (top + ey * (bot - top)) * wt[w];
+            for (int c = 0; c < C; c++) {
+                const float* img = x + (b * C + c) * (long)Hin * Win;
+                float p00 = (y0 >= 0 && y0 < Hin && x0 >= 0 && x0 < Win) ? img[y0 * Win + x0] : 0.f;
+                float p01 = (y0 >= 0 && y0 < Hin && x1 >= 0 && x1 < Win) ? img[y0 * Win + x1] : 0.f;
+                float p10 = (y1 >= 0 && y1 < Hin && x0 >= 0 && x0 < Win) ? img[y1 * Win + x0] : 0.f;
+                float p11 = (y1 >= 0 && y1 < Hin && x1 >= 0 && x1 < Win) ? img[y1 * Win + x1] : 0.f;
+                float top = p00 + ex * (p01 - p00), bot = p10 + ex * (p11 - p10);
+                out[((b * C + c) * (long)H + h) * W + w] = (top + ey * (bot - top)) * wt[w];
+            }
         }
     }
 }
+
+/* a select, not fmaxf: GCC vectorises it (fmaxf's NaN rules keep it scalar; 4x slower on 3-channel 32 px views) */
+static inline float max_sel(float a, float b) { return a > b ? a : b; }
 
 /* RandomThickness (fastclr/augment.py): per sample, s = +1 dilates (3x3 max filter), s = -1 erodes
  * (-max(-x)), s = 0 copies; edges replicate (a max over the in-bounds neighbours). x, out (B, H, W). */
@@ -306,12 +318,40 @@ void thickness(const float* x, int B, int H, int W, const float* s, float* out) 
         int h0 = h > 0 ? h - 1 : 0, h1 = h < H - 1 ? h + 1 : H - 1;
         for (int w = 0; w < W; w++) r[w] = sg * img[h0 * W + w];           /* vertical max of s * x */
         for (int y = h0 + 1; y <= h1; y++)
-            for (int w = 0; w < W; w++) r[w] = fmaxf(r[w], sg * img[y * W + w]);
-        for (int w = 0; w < W; w++) {                                       /* horizontal max */
-            float m = r[w];
-            if (w > 0) m = fmaxf(m, r[w - 1]);
-            if (w < W - 1) m = fmaxf(m, r[w + 1]);
-            o[w] = sg * m;
+            for (int w = 0; w < W; w++) r[w] = max_sel(r[w], sg * img[y * W + w]);
+        /* horizontal max: the two edge pixels apart, so the inner loop has no branch and vectorises */
+        o[0] = sg * (W > 1 ? max_sel(r[0], r[1]) : r[0]);
+        for (int w = 1; w < W - 1; w++) o[w] = sg * max_sel(max_sel(r[w - 1], r[w]), r[w + 1]);
+        if (W > 1) o[W - 1] = sg * max_sel(r[W - 2], r[W - 1]);
+    }
+}
+
+/* RandomBlur (fastclr/augment.py): per plane p, the 3-tap Gaussian [k, 1 - 2k, k] along each axis, written as
+ * y = x + k (left + right - 2 x), reflected at the edges, horizontally then vertically; k = 0 copies. x, out
+ * (P, H, W), k (P,), H and W >= 2. One pass per plane instead of a dozen over the batch: the horizontal result is
+ * written to out and blurred vertically in place, with two saved rows (a plane of 32 x 32 is 4 KB, in cache). */
+static inline void blur_row(const float* x, int W, float k, float* o) {
+    o[0] = (2.f * x[1] - 2.f * x[0]) * k + x[0];
+    for (int w = 1; w < W - 1; w++) o[w] = ((x[w - 1] + x[w + 1]) - 2.f * x[w]) * k + x[w];
+    o[W - 1] = (2.f * x[W - 2] - 2.f * x[W - 1]) * k + x[W - 1];
+}
+
+void blur3(const float* x, long P, int H, int W, const float* k, float* out) {
+    #pragma omp parallel for schedule(static)
+    for (long p = 0; p < P; p++) {
+        const float* a = x + p * H * W;
+        float* o = out + p * H * W;
+        float kk = k[p], up[MAX_W], cur[MAX_W];
+        if (kk == 0.f) { memcpy(o, a, sizeof(float) * H * W); continue; }
+        for (int h = 0; h < H; h++) blur_row(a + h * W, W, kk, o + h * W);
+        memcpy(cur, o, sizeof(float) * W);
+        memcpy(up, o + W, sizeof(float) * W);                    /* above row 0: row 1 (reflected) */
+        for (int h = 0; h < H; h++) {
+            const float* down = h + 1 < H ? o + (h + 1) * W : up;  /* below the last row: the one above it */
+            float* r = o + h * W;
+            for (int w = 0; w < W; w++) r[w] = ((up[w] + down[w]) - 2.f * cur[w]) * kk + cur[w];
+            memcpy(up, cur, sizeof(float) * W);
+            if (h + 1 < H) memcpy(cur, o + (h + 1) * W, sizeof(float) * W);
         }
     }
 }
@@ -393,6 +433,202 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
         float m = sum / HW * (1.f - fc);
         color_pixels(R, G, Bc, o, o + HW, o + 2 * HW, HW, fb, fc, m, fs, fh, fh != 0.f, grey);
     }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Training-mode BatchNorm fused with what follows it in the cnn encoder (bn_act_*): z = BN(y) with the batch's
+ * statistics, then by mode
+ *   0: relu(z)                        (N, H, W, C)
+ *   1: relu(2x2 max-pool of z)        (N, H/2, W/2, C)   (stages 1 and 2)
+ *   2: 2x2 average-pool of relu(z)    (N, H/2, W/2, C)   (stage 3 at 32 px)
+ * ATen runs BN, the pool and the ReLU as separate passes over the full-resolution map, each forward and backward
+ * (about 14 map-sized reads and writes, plus the pool's int64 indices and the zero-filled input gradient).
+ * Here the forward reads y twice (statistics, then z and the pool in registers) and writes only the pooled map
+ * (and mode 1's uint8 window choice); the backward reads y twice (the two per-channel sums BN's gradient needs,
+ * then the gradient itself) and writes dy once. z is rounded to the output dtype before the max and the ReLU, as
+ * ATen's BN output is, so both pick the same window element. y, out, g, dy channels-last, one dtype; C a multiple
+ * of 16, at most MAX_BN_C; H, W even for modes 1 and 2. */
+#define MAX_BN_C 512
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+static inline v16 round_bf16(v16 f) {
+#ifdef __AVX512BF16__
+    /* one instruction (round to nearest even) instead of five integer ones */
+    __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)f);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+    u16v u; memcpy(&u, &f, 64);
+    u = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;
+    v16 r; memcpy(&r, &u, 64); return r;
+#endif
+}
+static inline v16 rnd(v16 v, int bf) { return bf ? round_bf16(v) : v; }
+static inline v16 relu16(v16 v) { v16 zero = {0}; return sel(v > zero, v, zero); }
+
+/* Per-channel sums of y - K and (y - K)^2 over P pixels (K: pixel 0's value, a shift that keeps E[y^2] - E[y]^2
+ * from cancelling), as T partial rows in double: part (T, 3, C) = (sum, sum of squares, K). */
+void bn_stats(const void* y, int bf, long P, int C, double* part, int T) {
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        long p0 = P * t / T, p1 = P * (t + 1) / T;
+        double* s = part + (long)t * 3 * C; double* q = s + C; double* k = q + C;
+        for (int c = 0; c < C; c++) s[c] = q[c] = 0.0;
+        for (int cb = 0; cb < C; cb += 16) {
+            v16 kv = ld(y, cb, bf);
+            for (int l = 0; l < 16; l++) k[cb + l] = kv[l];
+        }
+        for (long p = p0; p < p1; p += 16) {
+            long pe = p + 16 < p1 ? p + 16 : p1;
+            for (int cb = 0; cb < C; cb += 16) {
+                v16 kv = ld(y, cb, bf), a = {0}, b = {0};
+                for (long m = p; m < pe; m++) { v16 v = ld(y, m * C + cb, bf) - kv; a += v; b += v * v; }
+                for (int l = 0; l < 16; l++) { s[cb + l] += a[l]; q[cb + l] += b[l]; }
+            }
+        }
+    }
+}
+
+/* What every bn_act pass shares: the geometry of one output row r, and per window (mode 1, 2: 2x2; mode 0: one
+ * pixel) at column j, channels cb..cb+15, its y values, and z rounded as the output is. The passes are written
+ * once as row functions with bf and mode constant, and each parallel loop calls the variant it needs: one body
+ * testing them per vector runs slower. */
+typedef struct {
+    const void* y; int H, W, C; const float *scale, *shift, *mean, *b, *c;
+    void* out; uint8_t* idx; const void* g; void* dy;
+} BnArgs;
+
+#define BN_GEOMETRY const int s = mode ? 2 : 1; const int Ho = A->H / s, Wo = A->W / s, W = A->W, C = A->C;     \
+    const long row0 = ((r / Ho) * A->H + s * (r % Ho)) * (long)W * C;
+#define BN_WINDOW_Y                                                                                            \
+    long i00 = row0 + (long)s * j * C + cb, i10 = i00 + (long)W * C, o = (r * Wo + j) * C + cb;               \
+    v16 y0 = ld(A->y, i00, bf), y1 = y0, y2 = y0, y3 = y0;                                                     \
+    if (mode) { y1 = ld(A->y, i00 + C, bf); y2 = ld(A->y, i10, bf); y3 = ld(A->y, i10 + C, bf); }
+#define BN_WINDOW_Z                                                                                            \
+    v16 sc = ld_f32(A->scale + cb), sh = ld_f32(A->shift + cb);                                                \
+    v16 z0 = rnd(y0 * sc + sh, bf), z1 = z0, z2 = z0, z3 = z0;                                                 \
+    if (mode) { z1 = rnd(y1 * sc + sh, bf); z2 = rnd(y2 * sc + sh, bf); z3 = rnd(y3 * sc + sh, bf); }
+/* gz0..gz3: the gradient at each window element's z, from the output's gradient (mode 1: routed by the window
+ * choice the forward stored, masked where the output is 0) */
+#define BN_WINDOW_GZ                                                                                           \
+    v16 gv = ld(A->g, o, bf), zero = {0}, gz0, gz1 = zero, gz2 = zero, gz3 = zero;                             \
+    if (mode == 1) {                                                                                           \
+        i16v k = ld_idx(A->idx + o);                                                                           \
+        gv = sel(ld(A->out, o, bf) > zero, gv, zero);                                                          \
+        gz0 = route(gv, k, 0); gz1 = route(gv, k, 1); gz2 = route(gv, k, 2); gz3 = route(gv, k, 3);            \
+    } else {                                                                                                   \
+        BN_WINDOW_Z                                                                                            \
+        if (mode == 2) gv = gv * 0.25f;                                                                        \
+        gz0 = sel(z0 > zero, gv, zero);                                                                        \
+        if (mode == 2) { gz1 = sel(z1 > zero, gv, zero); gz2 = sel(z2 > zero, gv, zero);                       \
+                         gz3 = sel(z3 > zero, gv, zero); }                                                     \
+    }
+#define BN_CALL(f, ...)                                                                                        \
+    switch (bf * 3 + mode) {                                                                                   \
+        case 0: f(__VA_ARGS__, 0, 0); break; case 1: f(__VA_ARGS__, 0, 1); break; case 2: f(__VA_ARGS__, 0, 2); break; \
+        case 3: f(__VA_ARGS__, 1, 0); break; case 4: f(__VA_ARGS__, 1, 1); break; default: f(__VA_ARGS__, 1, 2); }
+
+static int bn_unsupported(int H, int W, int C, int mode) { return C % 16 || C > MAX_BN_C || (mode && (H % 2 || W % 2)); }
+
+/* out = the mode's pool and ReLU of z = y * scale + shift (scale = gamma / sigma, shift = beta - mean * scale);
+ * mode 1 also stores each window's choice (0..3) in idx */
+ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int mode) {
+    BN_GEOMETRY
+    for (int j = 0; j < Wo; j++)
+        for (int cb = 0; cb < C; cb += 16) {
+            BN_WINDOW_Y
+            BN_WINDOW_Z
+            v16 v;
+            if (mode == 0) v = relu16(z0);
+            else if (mode == 1) { i16v k; v = relu16(argmax4(z0, z1, z2, z3, &k)); st_idx(A->idx + o, k); }
+            else v = (((relu16(z0) + relu16(z1)) + relu16(z2)) + relu16(z3)) * 0.25f;   /* ATen's order */
+            st(A->out, o, v, bf);
+        }
+}
+
+int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+               int mode, void* out, uint8_t* idx) {
+    if (bn_unsupported(H, W, C, mode)) return -1;
+    BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .out = out, .idx = idx};
+    long R = (long)N * (mode ? H / 2 : H);
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) { BN_CALL(bn_fwd_row, &a, r) }
+    return 0;
+}
+
+/* BN's backward needs two per-channel sums of gz: sum gz and sum gz * (y - mean). One output row's, in f32,
+ * added to a1, a2 (C / 16 vectors each). */
+ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const int bf, const int mode) {
+    BN_GEOMETRY
+    for (int j = 0; j < Wo; j++)
+        for (int cb = 0; cb < C; cb += 16) {
+            BN_WINDOW_Y
+            BN_WINDOW_GZ
+            v16 mu = ld_f32(A->mean + cb);
+            a1[cb / 16] += ((gz0 + gz1) + gz2) + gz3;
+            a2[cb / 16] += gz0 * (y0 - mu) + gz1 * (y1 - mu) + gz2 * (y2 - mu) + gz3 * (y3 - mu);
+        }
+}
+
+/* The two sums as T partial rows in double, part (T, 2, C): each thread adds its rows' f32 sums in, every 64
+ * windows or more (per row, 7-pixel rows spent most of their time in these adds). */
+int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+                    const float* mean, int mode, const void* out, const uint8_t* idx, const void* g,
+                    double* part, int T) {
+    if (bn_unsupported(H, W, C, mode)) return -1;
+    BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean,
+                .out = (void*)out, .idx = (uint8_t*)idx, .g = g};
+    long R = (long)N * (mode ? H / 2 : H);
+    int CB = C / 16;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        double* s1 = part + (long)t * 2 * C; double* s2 = s1 + C;
+        for (int q = 0; q < C; q++) s1[q] = s2[q] = 0.0;
+        v16 a1[MAX_BN_C / 16], a2[MAX_BN_C / 16];
+        int Wo = mode ? W / 2 : W, held = 0;              /* windows summed in f32 since the last flush */
+        long r1 = R * (t + 1) / T;
+        for (long r = R * t / T; r < r1; r++) {
+            if (held == 0)
+                for (int q = 0; q < CB; q++) { v16 zero = {0}; a1[q] = a2[q] = zero; }
+            BN_CALL(bn_sums_row, &a, r, a1, a2)
+            held += Wo;
+            if (held >= 64 || r == r1 - 1) {              /* into double every 64 windows or more: f32 holds */
+                for (int q = 0; q < CB; q++)
+                    for (int l = 0; l < 16; l++) { s1[q * 16 + l] += a1[q][l]; s2[q * 16 + l] += a2[q][l]; }
+                held = 0;
+            }
+        }
+    }
+    return 0;
+}
+
+/* dy = scale * gz + b * (y - mean) + c per element (b, c per channel: BN's gradient through the batch
+ * statistics, from the sums above); every element of dy written. */
+ALWAYS_INLINE void bn_dx_row(const BnArgs* A, long r, const int bf, const int mode) {
+    BN_GEOMETRY
+    for (int j = 0; j < Wo; j++)
+        for (int cb = 0; cb < C; cb += 16) {
+            BN_WINDOW_Y
+            BN_WINDOW_GZ
+            v16 sc = ld_f32(A->scale + cb), mu = ld_f32(A->mean + cb), bv = ld_f32(A->b + cb), cv = ld_f32(A->c + cb);
+            st(A->dy, i00, sc * gz0 + bv * (y0 - mu) + cv, bf);
+            if (mode) {
+                st(A->dy, i00 + C, sc * gz1 + bv * (y1 - mu) + cv, bf);
+                st(A->dy, i10, sc * gz2 + bv * (y2 - mu) + cv, bf);
+                st(A->dy, i10 + C, sc * gz3 + bv * (y3 - mu) + cv, bf);
+            }
+        }
+}
+
+int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+                  const float* mean, int mode, const void* out, const uint8_t* idx, const void* g,
+                  const float* b, const float* c, void* dy) {
+    if (bn_unsupported(H, W, C, mode)) return -1;
+    BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean, .b = b, .c = c,
+                .out = (void*)out, .idx = (uint8_t*)idx, .g = g, .dy = dy};
+    long R = (long)N * (mode ? H / 2 : H);
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) { BN_CALL(bn_dx_row, &a, r) }
+    return 0;
 }
 
 /* The OpenMP team every kernel's parallel loop uses: fastclr/kernels.py sets it to torch.get_num_threads()
