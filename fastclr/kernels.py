@@ -96,9 +96,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.color_jitter.restype = None
     lib.bn_stats.argtypes = [P, I, ctypes.c_long, I, P, I]
     lib.bn_stats.restype = None
-    lib.bn_act_fwd.argtypes = [P, I, I, I, I, I, P, P, I, P, P]
+    lib.bn_act_fwd.argtypes = [P, I, I, I, I, I, P, P, I, P, P, P]
     lib.bn_act_bwd_sums.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, I]
-    lib.bn_act_bwd_dx.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, P, P]
+    lib.bn_act_bwd_dx.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, P]
     lib.bn_act_fwd.restype = lib.bn_act_bwd_sums.restype = lib.bn_act_bwd_dx.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
@@ -351,9 +351,10 @@ def _bn_out_shape(y: Tensor, mode: int) -> tuple[int, int, int, int]:
 
 @torch.library.custom_op("fastclr::bn_act", mutates_args=())
 def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
-            mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y (N, C, H, W) -> out (N, H', W', C) in y's dtype; idx, the max-pool's window choices (N, H', W', C) uint8
-    (BN_MAXPOOL_RELU; else empty); the batch mean (C,) and biased variance (C,), f32."""
+            mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y (N, C, H, W) -> out (N, H', W', C) in y's dtype; for BN_MAXPOOL_RELU (else empty) idx, each window's
+    choice (N, H', W', C) uint8 (4 where the ReLU gives 0), and ymax, the chosen y (N, H', W', C); the batch mean
+    (C,) and biased variance (C,), f32."""
     n, c, h, w = y.shape
     yh = _nhwc(y)                                    # held: a temporary's pointer would dangle in the call
     lib, pixels = _lib(), n * h * w
@@ -365,38 +366,40 @@ def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
     mean = (shifted + part[0, 2]).float()
     _, scale, shift = _bn_affine(weight, bias, mean, var, eps)
     out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
-    idx = torch.empty(_bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,), dtype=torch.uint8)
+    pooled = _bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,)
+    idx, ymax = torch.empty(pooled, dtype=torch.uint8), torch.empty(pooled, dtype=y.dtype)
     if lib.bn_act_fwd(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mode,
-                      out.data_ptr(), idx.data_ptr()) != 0:
+                      out.data_ptr(), idx.data_ptr(), ymax.data_ptr()) != 0:
         raise ValueError("bn_act called on an unsupported shape (see bn_act_supported)")
-    return out, idx, mean, var
+    return out, idx, ymax, mean, var
 
 
 @_bn_act.register_fake
 def _(y, weight, bias, eps, mode):
     c, shape = y.shape[1], _bn_out_shape(y, mode)
-    idx = y.new_empty(shape if mode == BN_MAXPOOL_RELU else (0,), dtype=torch.uint8)
-    return y.new_empty(shape), idx, y.new_empty(c, dtype=torch.float32), y.new_empty(c, dtype=torch.float32)
+    pooled = shape if mode == BN_MAXPOOL_RELU else (0,)
+    return (y.new_empty(shape), y.new_empty(pooled, dtype=torch.uint8), y.new_empty(pooled),
+            y.new_empty(c, dtype=torch.float32), y.new_empty(c, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastclr::bn_act_backward", mutates_args=())
-def _bn_act_backward(g: Tensor, y: Tensor, out: Tensor, idx: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+def _bn_act_backward(g: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
                      var: Tensor, eps: float, mode: int) -> tuple[Tensor, Tensor, Tensor]:
-    """g (N, H', W', C), y (N, C, H, W) and the forward's out and idx -> dy (N, H, W, C) in y's dtype,
+    """g (N, H', W', C), y (N, C, H, W) and the forward's idx and ymax -> dy (N, H, W, C) in y's dtype,
     dweight (C,), dbias (C,).
 
     With gz the gradient at z (ReLU's mask and the pool's routing applied to g), M = N H W and
     xhat = (y - mean) * invstd: dbias = sum gz, dweight = sum gz xhat, and
     dy = scale * (gz - dbias / M - xhat * dweight / M), written as scale * gz + b * (y - mean) + c."""
     n, c, h, w = y.shape
-    yh, gh, out, idx = _nhwc(y), g.to(y.dtype).contiguous(), out.contiguous(), idx.contiguous()
+    yh, gh, idx, ymax = _nhwc(y), g.to(y.dtype).contiguous(), idx.contiguous(), ymax.contiguous()
     lib, pixels = _lib(), n * h * w
     invstd, scale, shift = _bn_affine(weight, bias, mean, var, eps)
     mean32 = mean.float().contiguous()
     t = max(1, min(torch.get_num_threads(), gh.shape[0] * gh.shape[1]))
     part = torch.empty(t, 2, c, dtype=torch.float64)
     if lib.bn_act_bwd_sums(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(),
-                           mean32.data_ptr(), mode, out.data_ptr(), idx.data_ptr(), gh.data_ptr(),
+                           mean32.data_ptr(), mode, idx.data_ptr(), ymax.data_ptr(), gh.data_ptr(),
                            part.data_ptr(), t) != 0:
         raise ValueError("bn_act backward called on an unsupported shape")
     dbias = part[:, 0].sum(0)
@@ -405,27 +408,27 @@ def _bn_act_backward(g: Tensor, y: Tensor, out: Tensor, idx: Tensor, weight: Ten
     cc = (-scale.double() * dbias / pixels).float().contiguous()
     dy = torch.empty(n, h, w, c, dtype=y.dtype)
     lib.bn_act_bwd_dx(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mean32.data_ptr(),
-                      mode, out.data_ptr(), idx.data_ptr(), gh.data_ptr(), b.data_ptr(), cc.data_ptr(), dy.data_ptr())
+                      mode, idx.data_ptr(), gh.data_ptr(), b.data_ptr(), cc.data_ptr(), dy.data_ptr())
     return dy, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
 @_bn_act_backward.register_fake
-def _(g, y, out, idx, weight, bias, mean, var, eps, mode):
+def _(g, y, idx, ymax, weight, bias, mean, var, eps, mode):
     n, c, h, w = y.shape
     return y.new_empty(n, h, w, c), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _bn_act_setup(ctx, inputs, output):
     y, weight, bias, eps, mode = inputs
-    out, idx, mean, var = output
-    ctx.mark_non_differentiable(idx, mean, var)
-    ctx.save_for_backward(y, out, idx, weight, bias, mean, var)
+    _, idx, ymax, mean, var = output
+    ctx.mark_non_differentiable(idx, ymax, mean, var)
+    ctx.save_for_backward(y, idx, ymax, weight, bias, mean, var)
     ctx.eps_mode = (eps, mode)
 
 
-def _bn_act_grad(ctx, g_out, g_idx, g_mean, g_var):
-    y, out, idx, weight, bias, mean, var = ctx.saved_tensors
-    dy, dweight, dbias = _bn_act_backward(g_out, y, out, idx, weight, bias, mean, var, *ctx.eps_mode)
+def _bn_act_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var):
+    y, idx, ymax, weight, bias, mean, var = ctx.saved_tensors
+    dy, dweight, dbias = _bn_act_backward(g_out, y, idx, ymax, weight, bias, mean, var, *ctx.eps_mode)
     return dy.permute(0, 3, 1, 2), dweight, dbias, None, None
 
 
@@ -448,7 +451,7 @@ def bn_act(x: Tensor, bn: nn.BatchNorm2d, mode: int) -> Tensor:
     (BN_MAXPOOL_RELU) or ``avg_pool2d(relu(.), 2)`` (BN_RELU_AVGPOOL), as one op each way; ``bn``'s running
     statistics are updated as ``nn.BatchNorm2d`` updates them. (N, C, H, W) -> (N, C, H', W') channels_last, in
     x's dtype. Check :func:`bn_act_supported` first."""
-    out, _, mean, var = _bn_act(x, bn.weight, bn.bias, float(bn.eps), mode)
+    out, _, _, mean, var = _bn_act(x, bn.weight, bn.bias, float(bn.eps), mode)
     with torch.no_grad():
         values = x.numel() // x.shape[1]
         bn.running_mean.lerp_(mean, bn.momentum)

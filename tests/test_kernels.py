@@ -415,10 +415,10 @@ def _op_samples():
     bn_ops = [(torch.ops.fastclr.bn_act.default, (px, bn.weight, bn.bias, 1e-5, mode))
               for px in pool_x for mode in (kernels.BN_RELU, kernels.BN_MAXPOOL_RELU, kernels.BN_RELU_AVGPOOL)]
     y = pool_x[1].detach()
-    bout, bidx, bmean, bvar = torch.ops.fastclr.bn_act(y, bn.weight.detach(), bn.bias.detach(), 1e-5,
-                                                       kernels.BN_MAXPOOL_RELU)
+    bout, bidx, bymax, bmean, bvar = torch.ops.fastclr.bn_act(y, bn.weight.detach(), bn.bias.detach(), 1e-5,
+                                                              kernels.BN_MAXPOOL_RELU)
     bn_ops.append((torch.ops.fastclr.bn_act_backward.default,
-                   (torch.randn_like(bout), y, bout, bidx, bn.weight.detach(), bn.bias.detach(), bmean, bvar, 1e-5,
+                   (torch.randn_like(bout), y, bidx, bymax, bn.weight.detach(), bn.bias.detach(), bmean, bvar, 1e-5,
                     kernels.BN_MAXPOOL_RELU)))
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
     cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)

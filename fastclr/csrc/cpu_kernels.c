@@ -320,9 +320,10 @@ void thickness(const float* x, int B, int H, int W, const float* s, float* out) 
         for (int y = h0 + 1; y <= h1; y++)
             for (int w = 0; w < W; w++) r[w] = max_sel(r[w], sg * img[y * W + w]);
         /* horizontal max: the two edge pixels apart, so the inner loop has no branch and vectorises */
-        o[0] = sg * (W > 1 ? max_sel(r[0], r[1]) : r[0]);
+        if (W < 2) { o[0] = sg * r[0]; continue; }
+        o[0] = sg * max_sel(r[0], r[1]);
         for (int w = 1; w < W - 1; w++) o[w] = sg * max_sel(max_sel(r[w - 1], r[w]), r[w + 1]);
-        if (W > 1) o[W - 1] = sg * max_sel(r[W - 2], r[W - 1]);
+        o[W - 1] = sg * max_sel(r[W - 2], r[W - 1]);
     }
 }
 
@@ -444,8 +445,8 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
  * ATen runs BN, the pool and the ReLU as separate passes over the full-resolution map, each forward and backward
  * (about 14 map-sized reads and writes, plus the pool's int64 indices and the zero-filled input gradient).
  * Here the forward reads y twice (statistics, then z and the pool in registers) and writes only the pooled map
- * (and mode 1's uint8 window choice); the backward reads y twice (the two per-channel sums BN's gradient needs,
- * then the gradient itself) and writes dy once. z is rounded to the output dtype before the max and the ReLU, as
+ * (and mode 1's window choice and chosen y); the backward reads y at most twice (the two per-channel sums BN's
+ * gradient needs: mode 1 from the pooled choice instead, then the gradient itself) and writes dy once. z is rounded to the output dtype before the max and the ReLU, as
  * ATen's BN output is, so both pick the same window element. y, out, g, dy channels-last, one dtype; C a multiple
  * of 16, at most MAX_BN_C; H, W even for modes 1 and 2. */
 #define MAX_BN_C 512
@@ -494,7 +495,7 @@ void bn_stats(const void* y, int bf, long P, int C, double* part, int T) {
  * testing them per vector runs slower. */
 typedef struct {
     const void* y; int H, W, C; const float *scale, *shift, *mean, *b, *c;
-    void* out; uint8_t* idx; const void* g; void* dy;
+    void* out; uint8_t* idx; void* ymax; const void* g; void* dy;
 } BnArgs;
 
 #define BN_GEOMETRY const int s = mode ? 2 : 1; const int Ho = A->H / s, Wo = A->W / s, W = A->W, C = A->C;     \
@@ -508,12 +509,11 @@ typedef struct {
     v16 z0 = rnd(y0 * sc + sh, bf), z1 = z0, z2 = z0, z3 = z0;                                                 \
     if (mode) { z1 = rnd(y1 * sc + sh, bf); z2 = rnd(y2 * sc + sh, bf); z3 = rnd(y3 * sc + sh, bf); }
 /* gz0..gz3: the gradient at each window element's z, from the output's gradient (mode 1: routed by the window
- * choice the forward stored, masked where the output is 0) */
+ * choice the forward stored, which is 4, routing nowhere, where the ReLU gave 0) */
 #define BN_WINDOW_GZ                                                                                           \
     v16 gv = ld(A->g, o, bf), zero = {0}, gz0, gz1 = zero, gz2 = zero, gz3 = zero;                             \
     if (mode == 1) {                                                                                           \
         i16v k = ld_idx(A->idx + o);                                                                           \
-        gv = sel(ld(A->out, o, bf) > zero, gv, zero);                                                          \
         gz0 = route(gv, k, 0); gz1 = route(gv, k, 1); gz2 = route(gv, k, 2); gz3 = route(gv, k, 3);            \
     } else {                                                                                                   \
         BN_WINDOW_Z                                                                                            \
@@ -530,7 +530,8 @@ typedef struct {
 static int bn_unsupported(int H, int W, int C, int mode) { return C % 16 || C > MAX_BN_C || (mode && (H % 2 || W % 2)); }
 
 /* out = the mode's pool and ReLU of z = y * scale + shift (scale = gamma / sigma, shift = beta - mean * scale);
- * mode 1 also stores each window's choice (0..3) in idx */
+ * mode 1 also stores each window's choice in idx (0..3, or 4 where the ReLU gives 0) and the chosen y in ymax,
+ * all the backward's sums need there (so they read a quarter of what they would from y) */
 ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int mode) {
     BN_GEOMETRY
     for (int j = 0; j < Wo; j++)
@@ -539,16 +540,25 @@ ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int m
             BN_WINDOW_Z
             v16 v;
             if (mode == 0) v = relu16(z0);
-            else if (mode == 1) { i16v k; v = relu16(argmax4(z0, z1, z2, z3, &k)); st_idx(A->idx + o, k); }
+            else if (mode == 1) {
+                i16v k, four = {0}; four += 4;
+                v16 m = argmax4(z0, z1, z2, z3, &k), zero = {0};
+                v = relu16(m);
+                st_idx(A->idx + o, seli(m > zero, k, four));
+                v16 yk = sel(k == four - 3, y1, y0);                     /* the chosen element's y */
+                yk = sel(k == four - 2, y2, yk);
+                st(A->ymax, o, sel(k == four - 1, y3, yk), bf);
+            }
             else v = (((relu16(z0) + relu16(z1)) + relu16(z2)) + relu16(z3)) * 0.25f;   /* ATen's order */
             st(A->out, o, v, bf);
         }
 }
 
 int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-               int mode, void* out, uint8_t* idx) {
+               int mode, void* out, uint8_t* idx, void* ymax) {
     if (bn_unsupported(H, W, C, mode)) return -1;
-    BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .out = out, .idx = idx};
+    BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .out = out, .idx = idx,
+                .ymax = ymax};
     long R = (long)N * (mode ? H / 2 : H);
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) { BN_CALL(bn_fwd_row, &a, r) }
@@ -559,6 +569,18 @@ int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* s
  * added to a1, a2 (C / 16 vectors each). */
 ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const int bf, const int mode) {
     BN_GEOMETRY
+    if (mode == 1) {                                      /* one element per window: the stored choice */
+        for (int j = 0; j < Wo; j++)
+            for (int cb = 0; cb < C; cb += 16) {
+                long o = (r * Wo + j) * C + cb;
+                i16v k = ld_idx(A->idx + o), four = {0}; four += 4;
+                v16 zero = {0}, gm = sel(k != four, ld(A->g, o, bf), zero), mu = ld_f32(A->mean + cb);
+                a1[cb / 16] += gm;
+                a2[cb / 16] += gm * (ld(A->ymax, o, bf) - mu);
+            }
+        (void)row0;
+        return;
+    }
     for (int j = 0; j < Wo; j++)
         for (int cb = 0; cb < C; cb += 16) {
             BN_WINDOW_Y
@@ -572,11 +594,11 @@ ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const 
 /* The two sums as T partial rows in double, part (T, 2, C): each thread adds its rows' f32 sums in, every 64
  * windows or more (per row, 7-pixel rows spent most of their time in these adds). */
 int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-                    const float* mean, int mode, const void* out, const uint8_t* idx, const void* g,
+                    const float* mean, int mode, const uint8_t* idx, const void* ymax, const void* g,
                     double* part, int T) {
     if (bn_unsupported(H, W, C, mode)) return -1;
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean,
-                .out = (void*)out, .idx = (uint8_t*)idx, .g = g};
+                .idx = (uint8_t*)idx, .ymax = (void*)ymax, .g = g};
     long R = (long)N * (mode ? H / 2 : H);
     int CB = C / 16;
     #pragma omp parallel for schedule(static)
@@ -620,11 +642,11 @@ ALWAYS_INLINE void bn_dx_row(const BnArgs* A, long r, const int bf, const int mo
 }
 
 int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-                  const float* mean, int mode, const void* out, const uint8_t* idx, const void* g,
+                  const float* mean, int mode, const uint8_t* idx, const void* g,
                   const float* b, const float* c, void* dy) {
     if (bn_unsupported(H, W, C, mode)) return -1;
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean, .b = b, .c = c,
-                .out = (void*)out, .idx = (uint8_t*)idx, .g = g, .dy = dy};
+                .idx = (uint8_t*)idx, .g = g, .dy = dy};
     long R = (long)N * (mode ? H / 2 : H);
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) { BN_CALL(bn_dx_row, &a, r) }
