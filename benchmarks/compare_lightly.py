@@ -10,11 +10,14 @@ colour .npz) from the same initial weights, with AdamW and fastclr's warm-up + c
 where the CPU has it, channels_last, the same batch of pairs and the same epochs, in this one process:
 
 * **fastclr**: the pieces ``fastclr.train``'s loop runs (``make_pairs``: the uint8 data on the device and views
-  drawn there in blocks; ``build_training``: fastclr's head and NT-Xent);
+  drawn there in blocks; ``build_training``: fastclr's head and NT-Xent, and on a CPU the encoder through
+  ``fastclr.kernels``: BatchNorm fused with its pool and ReLU);
 * **lightly**: its ``SimCLRTransform`` (set as close to the recipe as it allows; the report lists both, and what it
   cannot express) in a ``DataLoader`` with ``--workers`` processes (default 2) over PIL images, its
-  ``SimCLRProjectionHead`` (the same sizes) and its ``NTXentLoss`` (the same temperature). lightly normalises in
-  the transform, so its encoder's own normalisation is set to the identity while it trains.
+  ``SimCLRProjectionHead`` (the same sizes) and its ``NTXentLoss`` (the same temperature), the encoder as
+  PyTorch's own layers (with the same bf16 autocast and channels_last, but not fastclr's kernels, which a lightly
+  user does not have). lightly normalises in the transform, so its encoder's own normalisation is set to the
+  identity while it trains.
 
 Epochs alternate (fastclr's first, then lightly's, and so on), so both see the same machine load. Reported per side:
 images per second through the encoder (both views), the epoch's seconds split into data (waiting for the next
@@ -98,6 +101,7 @@ def lightly_training(cfg, runtime, total_steps: int, data):
     model.head = SimCLRProjectionHead(model.encoder.out_dim, cfg.proj_hidden, cfg.proj_dim, batch_norm=cfg.proj_bn)
     model.encoder.mean.zero_()          # lightly's transform normalises; the encoder's own step is the identity
     model.encoder.std.fill_(1.0)
+    model.encoder.cpu_kernels = False   # PyTorch's own layers: what a lightly user runs (fastclr's are fastclr's)
     optimizer = runtime.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     return dataclasses.replace(tr, net=model, optimizer=optimizer,
                                scheduler=make_scheduler(optimizer, cfg.warmup_steps, total_steps, on_device=False),
@@ -164,7 +168,8 @@ def compare(dataset: str, epochs: int, recipe: str | None, workers: int, subset:
                                          num_workers=workers, drop_last=True)
     log(f"{cfg.arch} (width {cfg.width}, embed {cfg.embed_dim}), head {cfg.proj_hidden}-{cfg.proj_dim}, "
         f"{len(train_x)} images of {c}x{h}x{w}, batch {cfg.batch_size}, {epochs} epoch(s), AdamW lr {cfg.lr}, "
-        f"{runtime.amp_note}, {torch.get_num_threads()} threads; lightly: {workers} DataLoader workers")
+        f"{runtime.amp_note}, {torch.get_num_threads()} threads; lightly: {workers} DataLoader workers, "
+        f"PyTorch's layers; fastclr: {'its CPU kernels' if fast.model.encoder.cpu_kernels else 'PyTorch layers'}")
     log(f"fastclr augmentation (recipe {cfg.recipe}): {dataclasses.asdict(cfg.augment)}")
     log(f"lightly SimCLRTransform: {kwargs}")
     log(f"not in SimCLRTransform: {', '.join(missing) or 'nothing'}")
@@ -183,6 +188,7 @@ def compare(dataset: str, epochs: int, recipe: str | None, workers: int, subset:
               "shape": [c, h, w], "batch_size": cfg.batch_size, "arch": cfg.arch, "width": cfg.width,
               "embed_dim": cfg.embed_dim, "workers": workers, "threads": torch.get_num_threads(),
               "precision": runtime.amp_note, "lightly_transform": kwargs, "lightly_cannot": missing,
+              "fastclr_cpu_kernels": fast.model.encoder.cpu_kernels, "lightly_layers": "PyTorch's",
               "fastclr_augment": dataclasses.asdict(cfg.augment)}
     for side, tr in (("fastclr", fast), ("lightly", slow)):
         runs = epochs_out[side]
