@@ -92,14 +92,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.thickness.argtypes = [P, I, I, I, P, P]
     lib.color_jitter.argtypes = [P, I, I, I, P, P]
     lib.blur3.argtypes = [P, ctypes.c_long, I, I, P, P]
+    lib.normalize_nhwc.argtypes = [P, ctypes.c_long, I, P, P, P, I]
+    lib.normalize_nhwc.restype = None
     lib.blur3.restype = None
     lib.color_jitter.restype = None
-    lib.bn_stats.argtypes = [P, I, ctypes.c_long, I, P, I]
-    lib.bn_stats.restype = None
-    lib.bn_act_fwd.argtypes = [P, I, I, I, I, I, P, P, I, P, P, P]
-    lib.bn_act_bwd_sums.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, I]
-    lib.bn_act_bwd_dx.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, P, P, P]
-    lib.bn_act_fwd.restype = lib.bn_act_bwd_sums.restype = lib.bn_act_bwd_dx.restype = ctypes.c_int
+    lib.bn_act_forward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, I]
+    lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
+    lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -334,19 +333,15 @@ def conv3x3_pool_relu(x: Tensor, conv: nn.Conv2d, mean: float, std: float) -> Te
 BN_RELU, BN_MAXPOOL_RELU, BN_RELU_AVGPOOL = 0, 1, 2      # bn_act's modes (the C file's header says what each is)
 
 
-def _bn_affine(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """BN as z = y * scale + shift, with invstd = 1 / sqrt(var + eps). The forward and the backward both call this
-    on the same f32 mean and var, so the backward's recomputed pool choices are the forward's, bit for bit."""
-    invstd = (var.double() + eps).rsqrt()
-    scale = weight.double() * invstd
-    shift = bias.double() - mean.double() * scale
-    return invstd, scale.float().contiguous(), shift.float().contiguous()
-
-
 def _bn_out_shape(y: Tensor, mode: int) -> tuple[int, int, int, int]:
     n, c, h, w = y.shape
     s = 1 if mode == BN_RELU else 2
     return n, h // s, w // s, c
+
+
+def _bn_threads(units: int) -> int:
+    """The per-thread partial sums the C side makes: one per thread, at most one per 16 units of work."""
+    return max(1, min(torch.get_num_threads(), units // 16))
 
 
 @torch.library.custom_op("fastclr::bn_act", mutates_args=())
@@ -354,22 +349,19 @@ def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
             mode: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y (N, C, H, W) -> out (N, H', W', C) in y's dtype; for BN_MAXPOOL_RELU (else empty) idx, each window's
     choice (N, H', W', C) uint8 (4 where the ReLU gives 0), and ymax, the chosen y (N, H', W', C); the batch mean
-    (C,) and biased variance (C,), f32."""
+    (C,) and biased variance (C,), f32. One C call: statistics, BN's affine form, the apply pass."""
     n, c, h, w = y.shape
     yh = _nhwc(y)                                    # held: a temporary's pointer would dangle in the call
-    lib, pixels = _lib(), n * h * w
-    t = max(1, min(torch.get_num_threads(), pixels // 16))
+    wt, bs = weight.float().contiguous(), bias.float().contiguous()
+    t = _bn_threads(n * h * w)
     part = torch.empty(t, 3, c, dtype=torch.float64)  # per thread: sums of y - K, of (y - K)^2, and K
-    lib.bn_stats(yh.data_ptr(), _is_bf16(y), pixels, c, part.data_ptr(), t)
-    shifted = part[:, 0].sum(0) / pixels
-    var = (part[:, 1].sum(0) / pixels - shifted ** 2).clamp_min(0).float()
-    mean = (shifted + part[0, 2]).float()
-    _, scale, shift = _bn_affine(weight, bias, mean, var, eps)
-    out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
     pooled = _bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,)
+    out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
     idx, ymax = torch.empty(pooled, dtype=torch.uint8), torch.empty(pooled, dtype=y.dtype)
-    if lib.bn_act_fwd(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mode,
-                      out.data_ptr(), idx.data_ptr(), ymax.data_ptr()) != 0:
+    mean, var = torch.empty(c), torch.empty(c)
+    if _lib().bn_act_forward(yh.data_ptr(), _is_bf16(y), n, h, w, c, wt.data_ptr(), bs.data_ptr(), eps, mode,
+                             out.data_ptr(), idx.data_ptr(), ymax.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                             part.data_ptr(), t) != 0:
         raise ValueError("bn_act called on an unsupported shape (see bn_act_supported)")
     return out, idx, ymax, mean, var
 
@@ -385,7 +377,7 @@ def _(y, weight, bias, eps, mode):
 @torch.library.custom_op("fastclr::bn_act_backward", mutates_args=())
 def _bn_act_backward(g: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
                      var: Tensor, eps: float, mode: int) -> tuple[Tensor, Tensor, Tensor]:
-    """g (N, H', W', C), y (N, C, H, W) and the forward's idx and ymax -> dy (N, H, W, C) in y's dtype,
+    """g (N, H', W', C), y (N, C, H, W) and the forward's idx, ymax, mean and var -> dy (N, H, W, C) in y's dtype,
     dweight (C,), dbias (C,).
 
     With gz the gradient at z (ReLU's mask and the pool's routing applied to g), M = N H W and
@@ -393,22 +385,16 @@ def _bn_act_backward(g: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, weight: Te
     dy = scale * (gz - dbias / M - xhat * dweight / M), written as scale * gz + b * (y - mean) + c."""
     n, c, h, w = y.shape
     yh, gh, idx, ymax = _nhwc(y), g.to(y.dtype).contiguous(), idx.contiguous(), ymax.contiguous()
-    lib, pixels = _lib(), n * h * w
-    invstd, scale, shift = _bn_affine(weight, bias, mean, var, eps)
-    mean32 = mean.float().contiguous()
-    t = max(1, min(torch.get_num_threads(), gh.shape[0] * gh.shape[1]))
+    wt, bs = weight.float().contiguous(), bias.float().contiguous()
+    mean, var = mean.float().contiguous(), var.float().contiguous()
+    t = _bn_threads(gh.shape[0] * gh.shape[1] * 16)
     part = torch.empty(t, 2, c, dtype=torch.float64)
-    if lib.bn_act_bwd_sums(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(),
-                           mean32.data_ptr(), mode, idx.data_ptr(), ymax.data_ptr(), gh.data_ptr(),
-                           part.data_ptr(), t) != 0:
-        raise ValueError("bn_act backward called on an unsupported shape")
-    dbias = part[:, 0].sum(0)
-    dweight = invstd * part[:, 1].sum(0)
-    b = (-scale.double() * invstd * dweight / pixels).float().contiguous()
-    cc = (-scale.double() * dbias / pixels).float().contiguous()
     dy = torch.empty(n, h, w, c, dtype=y.dtype)
-    lib.bn_act_bwd_dx(yh.data_ptr(), _is_bf16(y), n, h, w, c, scale.data_ptr(), shift.data_ptr(), mean32.data_ptr(),
-                      mode, idx.data_ptr(), gh.data_ptr(), b.data_ptr(), cc.data_ptr(), dy.data_ptr())
+    dweight, dbias = torch.empty(c), torch.empty(c)
+    if _lib().bn_act_backward(yh.data_ptr(), _is_bf16(y), n, h, w, c, wt.data_ptr(), bs.data_ptr(), eps, mode,
+                              idx.data_ptr(), ymax.data_ptr(), gh.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                              dy.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), part.data_ptr(), t) != 0:
+        raise ValueError("bn_act backward called on an unsupported shape")
     return dy, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
@@ -458,6 +444,38 @@ def bn_act(x: Tensor, bn: nn.BatchNorm2d, mode: int) -> Tensor:
         bn.running_var.lerp_(var * (values / (values - 1)), bn.momentum)     # the unbiased variance, as ATen
         bn.num_batches_tracked.add_(1)
     return out.permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- the encoders' input normalisation
+
+def normalize_supported(x: Tensor) -> bool:
+    """The normalisation kernel takes a CPU f32 (N, C, H, W) input that needs no gradient (the views)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and not x.requires_grad
+            and x.numel() > 0 and available())
+
+
+@torch.library.custom_op("fastclr::normalize", mutates_args=())
+def _normalize(x: Tensor, mean: Tensor, std: Tensor, out_bf16: bool) -> Tensor:
+    n, c, h, w = x.shape
+    xh = _nhwc(x)
+    m = mean.float().reshape(-1).expand(c).contiguous()             # one statistic, or one per channel
+    s = std.float().reshape(-1).expand(c).contiguous()
+    out = torch.empty(n, h, w, c, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    _lib().normalize_nhwc(xh.data_ptr(), n * h * w, c, m.data_ptr(), s.data_ptr(), out.data_ptr(), int(out_bf16))
+    return out
+
+
+@_normalize.register_fake
+def _(x, mean, std, out_bf16):
+    n, c, h, w = x.shape
+    return x.new_empty(n, h, w, c, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(x - mean) / std`` with one statistic or one per channel, (N, C, H, W) -> the same shape channels_last;
+    bf16 inside a bf16 autocast region (what the first conv would cast it to), else f32. Check
+    :func:`normalize_supported` first."""
+    return _normalize(x, mean, std, _cpu_autocast_dtype() == torch.bfloat16).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- FusedWarp's resampling

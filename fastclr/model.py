@@ -152,7 +152,8 @@ class Encoder(nn.Module):
 
     def _forward_with_kernels(self, x: Tensor) -> Tensor:
         """``body`` run with fastclr.kernels where a layer pattern and its input allow, else layer by layer:
-        Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included); in
+        Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included), else
+        the normalisation before a first conv is one (written as the conv's input dtype under autocast); in
         training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by ReLU becomes one
         (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another. The same function
         (tests/test_kernels.py, tests/test_model.py)."""
@@ -162,6 +163,8 @@ class Encoder(nn.Module):
                 and kernels.conv3x3_pool_relu_supported(x, layers[0]):
             x, i = kernels.conv3x3_pool_relu(x, layers[0], _scalar(self.hparams["mean"]),
                                              _scalar(self.hparams["std"])), 3
+        elif isinstance(layers[0], nn.Conv2d) and kernels.normalize_supported(x):
+            x = kernels.normalize(x, self.mean, self.std)
         else:
             x = (x - self.mean) / self.std
         while i < len(layers):

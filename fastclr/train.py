@@ -100,9 +100,12 @@ def views_loss(model, loss_fn, v1, v2, runtime: backend.Runtime, channels_last: 
     """NT-Xent of a (B, C, H, W) view pair through ``model``, under the runtime's autocast; a () tensor.
 
     Both views go through the network as one 2B batch: one kernel launch per layer instead of two."""
-    x = torch.cat([v1, v2])
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last:    # cat straight into the channels_last layout: one copy instead of two
+        x = torch.empty((2 * len(v1), *v1.shape[1:]), dtype=v1.dtype, device=v1.device,
+                        memory_format=torch.channels_last)
+        torch.cat([v1, v2], out=x)
+    else:
+        x = torch.cat([v1, v2])
     with runtime.autocast():
         z = model(x)
     return loss_fn(*z.float().chunk(2))

@@ -346,6 +346,25 @@ def test_blur_kernel_equals_pytorch_ops(shape, kernel_calls):
 
 
 @needs_kernels
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_equals_pytorch_ops(per_channel, channels_last):
+    """(x - mean) / std, channels_last out: exactly ATen's in f32, and exactly autocast's bf16 cast of it."""
+    x = torch.rand(5, 3, 7, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, std = (torch.tensor([0.2, 0.5, 0.7]).view(3, 1, 1), torch.tensor([0.3, 0.25, 0.1]).view(3, 1, 1)) \
+        if per_channel else (torch.tensor(0.1307), torch.tensor([0.3081]).view(1, 1, 1))
+    ref = (x - mean) / std
+    out = kernels.normalize(x, mean, std)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.normalize(x, mean, std)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+
+
+@needs_kernels
 def test_warp_with_kornias_dense_noise_uses_pytorch_ops():
     """The exact (per-pixel noise) elastic field has no low-rank core: FusedWarp keeps PyTorch's ops."""
     from conftest import only
@@ -433,6 +452,8 @@ def _op_samples():
                (torch.ops.fastclr.warp_sample.default, (x.expand(3, 3, 28, 28).contiguous(), plan.core, plan.ybasis,
                                                         plan.xbasis, plan.frames, 28, 28, False)),
                (torch.ops.fastclr.thickness.default, (x, torch.tensor([1.0, -1.0, 0.0]))),
+               (torch.ops.fastclr.normalize.default, (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([0.1, 0.2, 0.3]),
+                                                      torch.tensor([0.3, 0.2, 0.1]), True)),
                (torch.ops.fastclr.blur3.default, (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([0.2, 0.0, 0.1]))),
                (torch.ops.fastclr.color_jitter.default,
                 (x.expand(3, 3, 28, 28).contiguous(), torch.tensor([[1.0, 1.2, 0.8, 1.1, 0.05, 1.0]] * 3)))])

@@ -327,6 +327,21 @@ void thickness(const float* x, int B, int H, int W, const float* s, float* out) 
     }
 }
 
+/* The encoders' input normalisation, (x - mean) / std per channel, written channels-last in f32 or bf16 (round
+ * to nearest even, as autocast's cast before the first conv rounds it): one pass where ATen makes three (the
+ * subtraction, the division, autocast's copy). x channels-last (P pixels x C), out the same layout. */
+void normalize_nhwc(const float* x, long P, int C, const float* mean, const float* std, void* out, int out_bf) {
+    #pragma omp parallel for schedule(static)
+    for (long p = 0; p < P; p++)
+        for (int c = 0; c < C; c++) {
+            float v = (x[p * C + c] - mean[c]) / std[c];
+            if (out_bf) {
+                uint32_t u; memcpy(&u, &v, 4);
+                ((uint16_t*)out)[p * C + c] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            } else ((float*)out)[p * C + c] = v;
+        }
+}
+
 /* RandomBlur (fastclr/augment.py): per plane p, the 3-tap Gaussian [k, 1 - 2k, k] along each axis, written as
  * y = x + k (left + right - 2 x), reflected at the edges, horizontally then vertically; k = 0 copies. x, out
  * (P, H, W), k (P,), H and W >= 2. One pass per plane instead of a dozen over the batch: the horizontal result is
@@ -468,7 +483,7 @@ static inline v16 relu16(v16 v) { v16 zero = {0}; return sel(v > zero, v, zero);
 
 /* Per-channel sums of y - K and (y - K)^2 over P pixels (K: pixel 0's value, a shift that keeps E[y^2] - E[y]^2
  * from cancelling), as T partial rows in double: part (T, 3, C) = (sum, sum of squares, K). */
-void bn_stats(const void* y, int bf, long P, int C, double* part, int T) {
+static void bn_stats(const void* y, int bf, long P, int C, double* part, int T) {
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         long p0 = P * t / T, p1 = P * (t + 1) / T;
@@ -554,7 +569,7 @@ ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int m
         }
 }
 
-int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+static int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
                int mode, void* out, uint8_t* idx, void* ymax) {
     if (bn_unsupported(H, W, C, mode)) return -1;
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .out = out, .idx = idx,
@@ -593,7 +608,7 @@ ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const 
 
 /* The two sums as T partial rows in double, part (T, 2, C): each thread adds its rows' f32 sums in, every 64
  * windows or more (per row, 7-pixel rows spent most of their time in these adds). */
-int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+static int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
                     const float* mean, int mode, const uint8_t* idx, const void* ymax, const void* g,
                     double* part, int T) {
     if (bn_unsupported(H, W, C, mode)) return -1;
@@ -641,7 +656,7 @@ ALWAYS_INLINE void bn_dx_row(const BnArgs* A, long r, const int bf, const int mo
         }
 }
 
-int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+static int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
                   const float* mean, int mode, const uint8_t* idx, const void* g,
                   const float* b, const float* c, void* dy) {
     if (bn_unsupported(H, W, C, mode)) return -1;
@@ -651,6 +666,64 @@ int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) { BN_CALL(bn_dx_row, &a, r) }
     return 0;
+}
+
+/* BN as z = y * scale + shift from the batch's f32 mean and variance (the forward and the backward both call this
+ * on the same mean and var, so the backward's recomputed z, and the pool choices read from it, are the
+ * forward's bit for bit); invstd = 1 / sqrt(var + eps). */
+static void bn_affine(const float* weight, const float* bias, const float* mean, const float* var, float eps, int C,
+                      double* invstd, float* scale, float* shift) {
+    for (int c = 0; c < C; c++) {
+        invstd[c] = 1.0 / sqrt((double)var[c] + (double)eps);
+        double sc = (double)weight[c] * invstd[c];
+        scale[c] = (float)sc;
+        shift[c] = (float)((double)bias[c] - (double)mean[c] * sc);
+    }
+}
+
+/* The forward, whole: statistics (mean and biased variance out, f32), the affine form, the apply pass. part is
+ * (T, 3, C) double scratch. The per-channel steps between the passes run here, not as a dozen small torch ops
+ * (they cost more than the stage-3 passes). */
+int bn_act_forward(const void* y, int bf, int N, int H, int W, int C, const float* weight, const float* bias,
+                   float eps, int mode, void* out, uint8_t* idx, void* ymax, float* mean, float* var, double* part,
+                   int T) {
+    if (bn_unsupported(H, W, C, mode)) return -1;
+    long P = (long)N * H * W;
+    bn_stats(y, bf, P, C, part, T);
+    double inv[MAX_BN_C];
+    float scale[MAX_BN_C], shift[MAX_BN_C];
+    for (int c = 0; c < C; c++) {
+        double sum = 0.0, sq = 0.0;
+        for (int t = 0; t < T; t++) { sum += part[(long)t * 3 * C + c]; sq += part[(long)t * 3 * C + C + c]; }
+        double shifted = sum / P, v = sq / P - shifted * shifted;
+        var[c] = (float)(v > 0.0 ? v : 0.0);
+        mean[c] = (float)(shifted + part[2 * C + c]);              /* K: thread 0's row holds it */
+    }
+    bn_affine(weight, bias, mean, var, eps, C, inv, scale, shift);
+    return bn_act_fwd(y, bf, N, H, W, C, scale, shift, mode, out, idx, ymax);
+}
+
+/* The backward, whole: the two sums, then dweight = sum gz xhat, dbias = sum gz (f32 out), and dy. part is
+ * (T, 2, C) double scratch. */
+int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const float* weight, const float* bias,
+                    float eps, int mode, const uint8_t* idx, const void* ymax, const void* g, const float* mean,
+                    const float* var, void* dy, float* dweight, float* dbias, double* part, int T) {
+    if (bn_unsupported(H, W, C, mode)) return -1;
+    double inv[MAX_BN_C];
+    float scale[MAX_BN_C], shift[MAX_BN_C], b[MAX_BN_C], cc[MAX_BN_C];
+    bn_affine(weight, bias, mean, var, eps, C, inv, scale, shift);
+    bn_act_bwd_sums(y, bf, N, H, W, C, scale, shift, mean, mode, idx, ymax, g, part, T);
+    double P = (double)N * H * W;
+    for (int c = 0; c < C; c++) {
+        double s1 = 0.0, sy = 0.0;
+        for (int t = 0; t < T; t++) { s1 += part[(long)t * 2 * C + c]; sy += part[(long)t * 2 * C + C + c]; }
+        double dw = inv[c] * sy;                                   /* sum gz xhat */
+        dweight[c] = (float)dw;
+        dbias[c] = (float)s1;
+        b[c] = (float)(-(double)scale[c] * inv[c] * dw / P);
+        cc[c] = (float)(-(double)scale[c] * s1 / P);
+    }
+    return bn_act_bwd_dx(y, bf, N, H, W, C, scale, shift, mean, mode, idx, g, b, cc, dy);
 }
 
 /* The OpenMP team every kernel's parallel loop uses: fastclr/kernels.py sets it to torch.get_num_threads()
