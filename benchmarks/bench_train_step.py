@@ -111,3 +111,24 @@ def test_epoch(benchmark, device, batch, graph):
 
     run(benchmark, epoch, device, rounds=1, warmup=0)
     benchmark.extra_info["images_per_second"] = 2 * cfg.batch_size * steps / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_train_step_colour(benchmark, kernels):
+    """The custom-color recipe's step on 3 x 32 x 32 (cnn width 32, 512-d, batch 128, bf16 where the CPU has it),
+    with fastclr.kernels (the fused BatchNorm, pool and ReLU, the input normalisation) and with PyTorch's layers:
+    the step compare_lightly's two sides run."""
+    from fastclr.sources import ImageData
+
+    benchmark.group = "train_step-colour-cpu"
+    describe(benchmark, "cnn w32, 3x32x32, b128, amp" + ("" if kernels else ", no CPU kernels"), baseline=not kernels)
+    rt = make_runtime("cpu", amp=True)
+    rt = rt if kernels else dataclasses.replace(rt, cpu_kernels=False)
+    cfg = TrainConfig.from_recipe("custom-color", dataset="colour", batch_size=8 if QUICK else 128)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    data = ImageData(x, None, None, None, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    tr = build_training(cfg, rt, total_steps=10**6, data=data)
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.rand(cfg.batch_size, 3, 32, 32, generator=g) for _ in range(2))
+    run(benchmark, lambda: tr.step(v1, v2), "cpu", rounds=20, warmup=3)
+    benchmark.extra_info["images_per_second"] = 2 * cfg.batch_size / benchmark.stats.stats.mean
