@@ -204,8 +204,7 @@ def _bn_pattern(layers: list[nn.Module], i: int) -> tuple[int | None, int]:
         if p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0)) \
                 and p.divisor_override is None:
             return kernels.BN_RELU_AVGPOOL, 3
-        return None, 0                      # another pool: BN and ReLU fused, then ATen's pool
-    return kernels.BN_RELU, 2
+    return kernels.BN_RELU, 2               # (before another pool: BN and ReLU fused, then ATen's pool)
 
 
 def _is_pool_relu(layers: list[nn.Module], i: int) -> bool:

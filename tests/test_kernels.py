@@ -225,9 +225,10 @@ def test_bn_act_takes_only_what_it_fuses():
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 64, 48)])
 def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
-    """The cnn at 3 x 32 x 32 (stage 3: BN -> ReLU -> average pool) and 1 x 28 x 28 (BN -> ReLU), bf16 autocast and
+    """The cnn at 3 x 32 x 32 (stage 3: BN -> ReLU -> average pool), 1 x 28 x 28 (BN -> ReLU) and 3 x 64 x 48 (BN ->
+    ReLU fused, then ATen's 3 x 3 average pool), bf16 autocast and
     channels_last as training runs it, kernels on and off, each against the same network in float64: the fused
     path's output and gradients are as close to float64 as ATen's (within 1.5x of ATen's error, or 1e-3 of the
     value's scale), and its running statistics equal ATen's. In eval mode the fused kernel stays off (BN uses its
