@@ -339,9 +339,10 @@ def _bn_out_shape(y: Tensor, mode: int) -> tuple[int, int, int, int]:
     return n, h // s, w // s, c
 
 
-def _bn_threads(units: int) -> int:
-    """The per-thread partial sums the C side makes: one per thread, at most one per 16 units of work."""
-    return max(1, min(torch.get_num_threads(), units // 16))
+def _bn_threads(chunks: int) -> int:
+    """How many per-thread partial sums the C side makes: one per thread, and no more than the ``chunks`` its loop
+    splits the work into."""
+    return max(1, min(torch.get_num_threads(), chunks))
 
 
 @torch.library.custom_op("fastclr::bn_act", mutates_args=())
@@ -353,7 +354,7 @@ def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
     n, c, h, w = y.shape
     yh = _nhwc(y)                                    # held: a temporary's pointer would dangle in the call
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
-    t = _bn_threads(n * h * w)
+    t = _bn_threads(n * h * w // 16)                  # the statistics pass splits the pixels
     part = torch.empty(t, 3, c, dtype=torch.float64)  # per thread: sums of y - K, of (y - K)^2, and K
     pooled = _bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,)
     out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
@@ -387,7 +388,7 @@ def _bn_act_backward(g: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, weight: Te
     yh, gh, idx, ymax = _nhwc(y), g.to(y.dtype).contiguous(), idx.contiguous(), ymax.contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
     mean, var = mean.float().contiguous(), var.float().contiguous()
-    t = _bn_threads(gh.shape[0] * gh.shape[1] * 16)
+    t = _bn_threads(gh.shape[0] * gh.shape[1])         # the sums pass splits the output rows
     part = torch.empty(t, 2, c, dtype=torch.float64)
     dy = torch.empty(n, h, w, c, dtype=y.dtype)
     dweight, dbias = torch.empty(c), torch.empty(c)

@@ -461,9 +461,10 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
  * (about 14 map-sized reads and writes, plus the pool's int64 indices and the zero-filled input gradient).
  * Here the forward reads y twice (statistics, then z and the pool in registers) and writes only the pooled map
  * (and mode 1's window choice and chosen y); the backward reads y at most twice (the two per-channel sums BN's
- * gradient needs: mode 1 from the pooled choice instead, then the gradient itself) and writes dy once. z is rounded to the output dtype before the max and the ReLU, as
- * ATen's BN output is, so both pick the same window element. y, out, g, dy channels-last, one dtype; C a multiple
- * of 16, at most MAX_BN_C; H, W even for modes 1 and 2. */
+ * gradient needs: mode 1 from the pooled choice instead, then the gradient itself) and writes dy once. z is
+ * rounded to the output dtype before the max and the ReLU, as ATen's BN output is, so both pick the same window
+ * element. y, out, g, dy channels-last, one dtype; C a multiple of 16, at most MAX_BN_C; H, W even for modes 1
+ * and 2: the two exported entry points, bn_act_forward and bn_act_backward, check these once. */
 #define MAX_BN_C 512
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -569,15 +570,13 @@ ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int m
         }
 }
 
-static int bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-               int mode, void* out, uint8_t* idx, void* ymax) {
-    if (bn_unsupported(H, W, C, mode)) return -1;
+static void bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
+                       int mode, void* out, uint8_t* idx, void* ymax) {
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .out = out, .idx = idx,
                 .ymax = ymax};
     long R = (long)N * (mode ? H / 2 : H);
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) { BN_CALL(bn_fwd_row, &a, r) }
-    return 0;
 }
 
 /* BN's backward needs two per-channel sums of gz: sum gz and sum gz * (y - mean). One output row's, in f32,
@@ -608,10 +607,9 @@ ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const 
 
 /* The two sums as T partial rows in double, part (T, 2, C): each thread adds its rows' f32 sums in, every 64
  * windows or more (per row, 7-pixel rows spent most of their time in these adds). */
-static int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-                    const float* mean, int mode, const uint8_t* idx, const void* ymax, const void* g,
-                    double* part, int T) {
-    if (bn_unsupported(H, W, C, mode)) return -1;
+static void bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, const float* scale,
+                            const float* shift, const float* mean, int mode, const uint8_t* idx, const void* ymax,
+                            const void* g, double* part, int T) {
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean,
                 .idx = (uint8_t*)idx, .ymax = (void*)ymax, .g = g};
     long R = (long)N * (mode ? H / 2 : H);
@@ -635,7 +633,6 @@ static int bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, co
             }
         }
     }
-    return 0;
 }
 
 /* dy = scale * gz + b * (y - mean) + c per element (b, c per channel: BN's gradient through the batch
@@ -656,16 +653,14 @@ ALWAYS_INLINE void bn_dx_row(const BnArgs* A, long r, const int bf, const int mo
         }
 }
 
-static int bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale, const float* shift,
-                  const float* mean, int mode, const uint8_t* idx, const void* g,
-                  const float* b, const float* c, void* dy) {
-    if (bn_unsupported(H, W, C, mode)) return -1;
+static void bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, const float* scale,
+                          const float* shift, const float* mean, int mode, const uint8_t* idx, const void* g,
+                          const float* b, const float* c, void* dy) {
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean, .b = b, .c = c,
                 .idx = (uint8_t*)idx, .g = g, .dy = dy};
     long R = (long)N * (mode ? H / 2 : H);
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < R; r++) { BN_CALL(bn_dx_row, &a, r) }
-    return 0;
 }
 
 /* BN as z = y * scale + shift from the batch's f32 mean and variance (the forward and the backward both call this
@@ -700,7 +695,8 @@ int bn_act_forward(const void* y, int bf, int N, int H, int W, int C, const floa
         mean[c] = (float)(shifted + part[2 * C + c]);              /* K: thread 0's row holds it */
     }
     bn_affine(weight, bias, mean, var, eps, C, inv, scale, shift);
-    return bn_act_fwd(y, bf, N, H, W, C, scale, shift, mode, out, idx, ymax);
+    bn_act_fwd(y, bf, N, H, W, C, scale, shift, mode, out, idx, ymax);
+    return 0;
 }
 
 /* The backward, whole: the two sums, then dweight = sum gz xhat, dbias = sum gz (f32 out), and dy. part is
@@ -723,7 +719,8 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
         b[c] = (float)(-(double)scale[c] * inv[c] * dw / P);
         cc[c] = (float)(-(double)scale[c] * s1 / P);
     }
-    return bn_act_bwd_dx(y, bf, N, H, W, C, scale, shift, mean, mode, idx, g, b, cc, dy);
+    bn_act_bwd_dx(y, bf, N, H, W, C, scale, shift, mean, mode, idx, g, b, cc, dy);
+    return 0;
 }
 
 /* The OpenMP team every kernel's parallel loop uses: fastclr/kernels.py sets it to torch.get_num_threads()
