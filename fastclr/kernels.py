@@ -10,6 +10,9 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
 * :func:`bn_act` (autograd): the cnn's training-mode ``BatchNorm2d`` with the max-pool + ReLU, the ReLU +
   average pool, or the ReLU after it, two passes each way (``F.batch_norm`` and the layers' gradients, to float
   rounding).
+* :func:`stem` (autograd): the cnn's first stage whole under bf16 autocast, the 3x3 conv of a few input channels,
+  training-mode BatchNorm, the max-pool and the ReLU, without writing the conv's output (it is recomputed from
+  the padded input in each pass, on AVX512-BF16 dot products).
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 * :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
@@ -99,6 +102,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_act_forward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, I]
     lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
     lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
+    lib.stem_forward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, I]
+    lib.stem_backward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
+    lib.stem_forward.restype = lib.stem_backward.restype = lib.stem_fast.restype = ctypes.c_int
+    lib.stem_fast.argtypes = []
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -426,11 +433,15 @@ def bn_act_supported(x: Tensor, bn: nn.Module, mode: int) -> bool:
     """The fused BN kernel takes a training-mode ``BatchNorm2d`` (affine, running statistics, a momentum) on a CPU
     (N, C, H, W) f32/bf16 input with C % 16 == 0, C <= 512, more than one value per channel, and even H and W
     where it pools. In eval mode BN uses its running statistics: the encoder's ATen layers run then."""
-    return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
-            and bn.momentum is not None and bn.weight.dtype == torch.float32 and bn.weight.device.type == "cpu"
-            and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES and x.shape[1] % 16 == 0
+    return (_bn_module_ok(bn) and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES and x.shape[1] % 16 == 0
             and x.shape[1] <= 512 and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and (mode == BN_RELU or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)) and available())
+
+
+def _bn_module_ok(bn: nn.Module) -> bool:
+    """A training-mode BatchNorm2d the fused kernels can stand in for: affine, running statistics, a momentum."""
+    return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
+            and bn.momentum is not None and bn.weight.dtype == torch.float32 and bn.weight.device.type == "cpu")
 
 
 def bn_act(x: Tensor, bn: nn.BatchNorm2d, mode: int) -> Tensor:
@@ -439,11 +450,129 @@ def bn_act(x: Tensor, bn: nn.BatchNorm2d, mode: int) -> Tensor:
     statistics are updated as ``nn.BatchNorm2d`` updates them. (N, C, H, W) -> (N, C, H', W') channels_last, in
     x's dtype. Check :func:`bn_act_supported` first."""
     out, _, _, mean, var = _bn_act(x, bn.weight, bn.bias, float(bn.eps), mode)
+    _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+    return out.permute(0, 3, 1, 2)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, values: int) -> None:
+    """``bn``'s running statistics after a batch of ``values`` values per channel with this mean and biased
+    variance, as ATen updates them."""
     with torch.no_grad():
-        values = x.numel() // x.shape[1]
         bn.running_mean.lerp_(mean, bn.momentum)
         bn.running_var.lerp_(var * (values / (values - 1)), bn.momentum)     # the unbiased variance, as ATen
         bn.num_batches_tracked.add_(1)
+
+
+# --------------------------------------------------------------------------- the cnn's first stage, whole
+
+STEM_MAX_IN, STEM_MAX_OUT, _STEM_SLACK = 4, 64, 16     # the C file's STEM_MAX_CIN, STEM_MAX_COUT, STEM_SLACK
+
+
+@torch.library.custom_op("fastclr::stem", mutates_args=())
+def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor,
+          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (N, Cin, H, W) bf16 -> out (N, H/2, W/2, Cout) bf16, idx and ymax as bn_act's BN_MAXPOOL_RELU outputs, the
+    batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and xp, x padded for the backward
+    (flat bf16). conv_weight (Cout, Cin, 3, 3) f32; weight, bias: BN's (Cout,)."""
+    n, cin, h, w = x.shape
+    cout = conv_weight.shape[0]
+    xh, cw = _nhwc(x), conv_weight.float().contiguous()
+    wt, bs = weight.float().contiguous(), bias.float().contiguous()
+    t = _bn_threads(n * h // 2)                       # the statistics pass splits the pooled rows
+    part = torch.empty(t, 2, cout, dtype=torch.float64)
+    xp = torch.empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16)
+    out, idx = _pooled(n, cout, h // 2, w // 2, torch.bfloat16)
+    ymax = torch.empty_like(out)
+    mean, var = torch.empty(cout), torch.empty(cout)
+    if _lib().stem_forward(xh.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
+                           xp.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(), mean.data_ptr(),
+                           var.data_ptr(), part.data_ptr(), t) != 0:
+        raise ValueError("stem called on an unsupported shape (see stem_supported)")
+    return out, idx, ymax, mean, var, xp
+
+
+@_stem.register_fake
+def _(x, conv_weight, weight, bias, eps):
+    n, cin, h, w = x.shape
+    cout = conv_weight.shape[0]
+    shape = (n, h // 2, w // 2, cout)
+    return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty(shape),
+            x.new_empty(cout, dtype=torch.float32), x.new_empty(cout, dtype=torch.float32),
+            x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK))
+
+
+@torch.library.custom_op("fastclr::stem_backward", mutates_args=())
+def _stem_backward(g: Tensor, xp: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor, weight: Tensor,
+                   bias: Tensor, mean: Tensor, var: Tensor, eps: float, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """g (N, H/2, W/2, Cout) and the forward's saved tensors -> the gradients of conv_weight, weight and bias
+    (the input's is never needed: it is the normalised views). BN's backward as bn_act_backward's; the conv's
+    weight gradient sum over pixels of dy x patch, with dy never written."""
+    n, cout, cin = g.shape[0], conv_weight.shape[0], conv_weight.shape[1]
+    gh = g.to(torch.bfloat16).contiguous()
+    cw = conv_weight.float().contiguous()
+    wt, bs = weight.float().contiguous(), bias.float().contiguous()
+    mean, var = mean.float().contiguous(), var.float().contiguous()
+    t = _bn_threads(n * h // 2)                       # both passes split the pooled rows
+    part = torch.empty(t, 9 * cin, cout, dtype=torch.float64)
+    xi = torch.empty(n * (h + 2) * (w + 2) * cin, dtype=torch.int32)
+    dcw, dweight, dbias = torch.empty(cout, cin, 3, 3), torch.empty(cout), torch.empty(cout)
+    if _lib().stem_backward(xp.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
+                            idx.contiguous().data_ptr(), ymax.contiguous().data_ptr(), gh.data_ptr(),
+                            mean.data_ptr(), var.data_ptr(), xi.data_ptr(), dcw.data_ptr(), dweight.data_ptr(),
+                            dbias.data_ptr(), part.data_ptr(), t) != 0:
+        raise ValueError("stem backward called on an unsupported shape")
+    return dcw.to(conv_weight.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@_stem_backward.register_fake
+def _(g, xp, idx, ymax, conv_weight, weight, bias, mean, var, eps, h, w):
+    return torch.empty_like(conv_weight), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _stem_setup(ctx, inputs, output):
+    x, conv_weight, weight, bias, eps = inputs
+    _, idx, ymax, mean, var, xp = output
+    ctx.mark_non_differentiable(idx, ymax, mean, var, xp)
+    ctx.save_for_backward(xp, idx, ymax, conv_weight, weight, bias, mean, var)
+    ctx.eps_hw = (eps, x.shape[2], x.shape[3])
+
+
+def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp):
+    xp, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
+    dcw, dweight, dbias = _stem_backward(g_out, xp, idx, ymax, conv_weight, weight, bias, mean, var, *ctx.eps_hw)
+    return None, dcw, dweight, dbias, None
+
+
+_stem.register_autograd(_stem_grad, setup_context=_stem_setup)
+
+
+@torch.compiler.assume_constant_result
+def stem_fast() -> bool:
+    """Whether the stem's kernel runs on AVX512-BF16 dot products here (elsewhere it is correct but slow, so
+    the encoder keeps ATen's conv and bn_act)."""
+    return available() and bool(load().stem_fast())
+
+
+def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
+    """The stem kernel takes a bf16 CPU (N, Cin, H, W) input needing no gradient (the normalised views under bf16
+    autocast), Cin <= 4, even H and W <= 64, through a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32
+    weights) to Cout % 16 == 0, Cout <= 64 channels, and a BatchNorm2d bn_act takes."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
+            and x.dtype == torch.bfloat16 and not x.requires_grad and x.dim() == 4
+            and 1 <= x.shape[1] <= STEM_MAX_IN and x.shape[1] == conv.in_channels
+            and conv.out_channels % 16 == 0 and conv.out_channels <= STEM_MAX_OUT
+            and x.device.type == "cpu" and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[3] <= 64
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1 and _bn_module_ok(bn) and available())
+
+
+def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """``relu(max_pool2d(bn(conv(x)), 2))`` in training mode as one op each way, ``bn``'s running statistics
+    updated as ``nn.BatchNorm2d`` updates them. (N, Cin, H, W) bf16 -> (N, Cout, H/2, W/2) bf16 channels_last.
+    Check :func:`stem_supported` first."""
+    out, _, _, mean, var, _ = _stem(x, conv.weight, bn.weight, bn.bias, float(bn.eps))
+    _update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return out.permute(0, 3, 1, 2)
 
 

@@ -224,6 +224,78 @@ def test_bn_act_takes_only_what_it_fuses():
     assert not kernels.bn_act_supported(torch.randn(1, 16, 1, 1), bn.train(), kernels.BN_RELU)  # one value each
 
 
+# --------------------------------------------------------------------------- the cnn's first stage, whole
+
+def _stem_layers(cin, cout, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    bn, _ = _bn_pair(cout, seed)
+    return conv, bn
+
+
+def _stem_run(x, conv, bn, g, fused, dtype=torch.float64):
+    """conv -> bn -> max-pool -> ReLU by the stem kernel (fused), by ATen's layers under bf16 autocast, or by the
+    layers in float64 on the bf16-rounded weight autocast convolves with; the output and the three gradients."""
+    conv, bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    if fused:
+        out = kernels.stem(x, conv, bn)
+    elif dtype == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = F.relu(F.max_pool2d(bn(conv(x)), 2))
+    else:
+        conv, bn = conv.double(), bn.double()
+        with torch.no_grad():
+            conv.weight.copy_(conv.weight.to(torch.bfloat16).double())
+        out = F.relu(F.max_pool2d(bn(conv(x.double())), 2))
+    (out.double() * g.double()).sum().backward()
+    return out.double(), conv.weight.grad.double(), bn.weight.grad.double(), bn.bias.grad.double(), bn
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,cin,h,w,cout", [(4, 3, 8, 8, 32), (2, 1, 28, 28, 16), (3, 2, 6, 10, 64),
+                                            (8, 3, 32, 32, 32), (2, 4, 12, 64, 16)])
+def test_stem_equals_aten(n, cin, h, w, cout):
+    """The stem kernel (bf16 in and out, as under autocast) against ATen's conv, BatchNorm2d, max-pool and ReLU
+    under bf16 autocast, both against float64 (on the same bf16 input and weight), on an input with ties (a
+    constant block: equal conv outputs inside windows) and a mean far from 0: output and the conv weight, BN
+    weight and bias gradients within 1.5x of ATen's error (or 1e-3 of the value's scale), the output equal to
+    ATen's to a bf16 step, the running statistics to f32 rounding."""
+    x = (_with_ties((n, cin, h, w), torch.float32) + 1.5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    conv, bn = _stem_layers(cin, cout)
+    assert kernels.stem_supported(x, conv, bn)
+    g = torch.randn(n, cout, h // 2, w // 2, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    fused = _stem_run(x, conv, bn, g, True)
+    aten = _stem_run(x, conv, bn, g, False, torch.bfloat16)
+    exact = _stem_run(x, conv, bn, g, False)
+    assert fused[0].shape == (n, cout, h // 2, w // 2)
+    torch.testing.assert_close(fused[0], aten[0], **_BN_TOL[torch.bfloat16])
+    for name, f, a, t in zip(("output", "conv weight grad", "BN weight grad", "BN bias grad"), fused, aten, exact):
+        err_fused, err_aten = (f - t).abs().max(), (a - t).abs().max()
+        assert err_fused <= max(1.5 * err_aten, 1e-3 * t.abs().max()), (name, err_fused, err_aten)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(fused[4], name), getattr(aten[4], name), rtol=1e-5, atol=1e-6)
+    assert fused[4].num_batches_tracked.item() == 1
+
+
+@needs_kernels
+def test_stem_takes_only_what_it_fuses():
+    conv, bn = _stem_layers(3, 32)
+    x = torch.rand(2, 3, 8, 8).to(torch.bfloat16)
+    assert kernels.stem_supported(x, conv, bn)
+    assert not kernels.stem_supported(x.float(), conv, bn)                           # f32: ATen's conv
+    assert not kernels.stem_supported(x.requires_grad_(), conv, bn)                   # an input gradient
+    x = x.detach()
+    assert not kernels.stem_supported(x[:, :, :7], conv, bn)                         # odd height
+    assert not kernels.stem_supported(torch.rand(2, 3, 8, 66).bfloat16(), conv, bn)  # wider than 64
+    assert not kernels.stem_supported(x, torch.nn.Conv2d(3, 32, 3, padding=1), bn)   # a bias
+    assert not kernels.stem_supported(x, torch.nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False), bn)
+    assert not kernels.stem_supported(x, torch.nn.Conv2d(3, 24, 3, padding=1, bias=False), torch.nn.BatchNorm2d(24))
+    assert not kernels.stem_supported(torch.rand(2, 8, 8, 8).bfloat16(), torch.nn.Conv2d(8, 32, 3, padding=1,
+                                                                                         bias=False), bn)
+    assert not kernels.stem_supported(x, conv, bn.eval())                             # running statistics
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 64, 48)])
 def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
@@ -246,7 +318,8 @@ def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
             h = e(x.double() if e is exact else x)
         (h.double() * weights.double()).sum().backward()
         outs.append(h.double())
-    assert kernel_calls.get("bn_act") == 3
+    stem = kernels.stem_fast()          # stage 1 whole (conv, BN, pool, ReLU) where the CPU has AVX512-BF16
+    assert (kernel_calls.get("stem", 0), kernel_calls.get("bn_act")) == ((1, 2) if stem else (0, 3))
 
     def close_as_aten(fused, aten, truth, name):
         err_fused, err_aten = (fused - truth).abs().max(), (aten - truth).abs().max()
@@ -263,7 +336,7 @@ def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
     ref.eval(), enc.eval()
     with torch.no_grad():
         torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert kernel_calls.get("bn_act") == 3
+    assert (kernel_calls.get("stem", 0), kernel_calls.get("bn_act")) == ((1, 2) if stem else (0, 3))
 
 
 def test_no_compiler_warns_and_runtime_falls_back(monkeypatch, tmp_path):
@@ -440,6 +513,14 @@ def _op_samples():
     bn_ops.append((torch.ops.fastclr.bn_act_backward.default,
                    (torch.randn_like(bout), y, bidx, bymax, bn.weight.detach(), bn.bias.detach(), bmean, bvar, 1e-5,
                     kernels.BN_MAXPOOL_RELU)))
+    sconv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+    sx = torch.rand(2, 3, 6, 8).to(torch.bfloat16)
+    sout, sidx, symax, smean, svar, sxp = torch.ops.fastclr.stem(sx, sconv.weight.detach(), bn.weight.detach(),
+                                                                 bn.bias.detach(), 1e-5)
+    bn_ops += [(torch.ops.fastclr.stem.default, (sx, sconv.weight, bn.weight, bn.bias, 1e-5)),
+               (torch.ops.fastclr.stem_backward.default,
+                (torch.randn_like(sout), sxp, sidx, symax, sconv.weight.detach(), bn.weight.detach(), bn.bias.detach(),
+                 smean, svar, 1e-5, 6, 8))]
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
     cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)
     backward_ops = [(torch.ops.fastclr.pool_relu_backward.default, (torch.randn_like(out), out, idx)),

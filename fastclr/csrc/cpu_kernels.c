@@ -1,6 +1,7 @@
 /* fastclr CPU kernels: the encoders' 2x2 max-pool + ReLU, the tutorial net's first block (3x3 conv with one
  * input channel -> 2x2 max-pool -> ReLU) and the cnn's training-mode BatchNorm -> pool -> ReLU (bn_act), forward
- * and backward; and, for the fused augmentation, the warp's grid + frame weight + bilinear sampling in one pass
+ * and backward, and the cnn's first stage whole (stem: conv of a few input channels -> BN -> pool -> ReLU); and,
+ * for the fused augmentation, the warp's grid + frame weight + bilinear sampling in one pass
  * (warp_sample), the stroke-thickness max filter on the chosen samples only (thickness), the 3-tap blur
  * (blur3) and the colour jitter + random greyscale in two passes per image (color_jitter).
  *
@@ -721,6 +722,298 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
     }
     bn_act_bwd_dx(y, bf, N, H, W, C, scale, shift, mean, mode, idx, g, b, cc, dy);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The cnn's first stage at once (stem): a 3x3 conv with few input channels (Cin <= 4, no bias, zero padding 1)
+ * -> training-mode BatchNorm -> 2x2 max-pool -> ReLU, bf16 in and out, the conv output never written.
+ *
+ * Why: at 3 x 32 x 32 the conv output is the largest map of the step (B x 32 x 32 x 32). Unfused, it is written by
+ * the conv, read twice by bn_act's forward, read again by its backward, which writes its gradient (as large),
+ * which the conv's weight gradient reads back; and oneDNN runs a 3-channel conv at a third of the speed it runs
+ * the later stages (K = 27 is too short for its blocking). Here each pass recomputes the conv from the padded
+ * input (B x 34 x 34 x 3, L2-sized) with AVX512-BF16 dot products, which costs less than reading the map back:
+ *   forward:  pass 1 the conv -> BN statistics; pass 2 the conv -> BN -> pool -> ReLU -> out, idx, ymax
+ *             (bn_act's mode 1 outputs, so the backward's two sums are bn_act's, from pooled tensors);
+ *   backward: the sums; then per window the conv again -> dy (BN's gradient, rounded to bf16 as ATen's is) ->
+ *             dW += dy x input patch, as dot products over pairs of neighbouring pixels.
+ * The conv is ATen's under bf16 autocast: bf16 input and weight (the weight rounded to nearest even), f32
+ * accumulation, the output rounded to bf16 before BN, whose statistics are of that rounded output.
+ *
+ * Layouts. xp: the input with a one-pixel zero border, (N, H + 2, W + 2, Cin) bf16, plus STEM_SLACK zeros.
+ * A kernel row of output pixel (h, w) is the 3 * Cin contiguous values xp[h + r, w .. w + 2, :], read as
+ * NP = ceil(3 Cin / 2) bf16 pairs (the last pair's odd partner belongs to the next pixel and meets a zero
+ * weight). wpk: (Cout / 16, 3, NP, 16) pairs of weights, the dot product's other operand. xi, the backward's:
+ * (N, H + 2, W + 2, Cin) pairs (xp[h, w, c], xp[h, w + 1, c]), the input under two horizontal neighbours.
+ * ------------------------------------------------------------------------------------------------------------ */
+#define STEM_MAX_CIN 4
+#define STEM_MAX_COUT 64
+#define STEM_SLACK 16
+#define STEM_NP(cin) ((3 * (cin) + 1) / 2)
+
+typedef struct {
+    const uint16_t* xp; const uint32_t* xi; int H, W, Cout; const uint32_t* wpk;
+    const float *scale, *shift, *mean, *b, *c;
+    uint16_t* out; uint8_t* idx; uint16_t* ymax; const uint16_t* g;
+} StemArgs;
+
+static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) { uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
+static inline u16v ld_u32(const uint32_t* p) { u16v v; memcpy(&v, p, 64); return v; }
+static inline u16v bits(v16 f) { u16v u; memcpy(&u, &f, 64); return u; }
+
+/* acc + w.lo * x[0] + w.hi * x[1] per lane: w 16 pairs of bf16, x one pair broadcast to every lane */
+ALWAYS_INLINE v16 dp2(v16 acc, u16v w, const uint16_t* x) {
+#ifdef __AVX512BF16__
+    int32_t v; memcpy(&v, x, 4);
+    return (v16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)(__m512i)w, (__m512bh)_mm512_set1_epi32(v));
+#else
+    u16v lo = w << 16, hi = w & 0xFFFF0000u;
+    v16 a, b; memcpy(&a, &lo, 64); memcpy(&b, &hi, 64);
+    return acc + a * bf2f(x[0]) + b * bf2f(x[1]);
+#endif
+}
+
+/* The conv's outputs for G neighbouring pooled windows (n, i, j .. j + G - 1), channels 16 cb .. 16 cb + 15,
+ * rounded to bf16: y[4 g + e] is window j + g's element e (raster order). Two windows at a time give 8
+ * independent accumulators: with 4, the dot product's latency bounds the loop. */
+ALWAYS_INLINE void stem_windows(const StemArgs* A, long n, int i, int j, int cb, v16* y, const int Cin, const int G) {
+    const int NP = STEM_NP(Cin);
+    const long WP = A->W + 2, row = WP * Cin;
+    const uint16_t* x0 = A->xp + ((n * (A->H + 2) + 2 * i) * WP + 2 * j) * Cin;
+    const uint32_t* w = A->wpk + (long)cb * 3 * NP * 16;
+    v16 a[4 * G];
+    for (int e = 0; e < 4 * G; e++) { v16 zero = {0}; a[e] = zero; }
+    for (int r = 0; r < 3; r++)
+        for (int p = 0; p < NP; p++) {
+            u16v wv = ld_u32(w + (r * NP + p) * 16);
+            for (int g = 0; g < G; g++) {
+                const uint16_t* x = x0 + r * row + 2 * p + 2 * g * Cin;
+                a[4 * g] = dp2(a[4 * g], wv, x);
+                a[4 * g + 1] = dp2(a[4 * g + 1], wv, x + Cin);
+                a[4 * g + 2] = dp2(a[4 * g + 2], wv, x + row);
+                a[4 * g + 3] = dp2(a[4 * g + 3], wv, x + row + Cin);
+            }
+        }
+    for (int e = 0; e < 4 * G; e++) y[e] = round_bf16(a[e]);
+}
+ALWAYS_INLINE void stem_window(const StemArgs* A, long n, int i, int j, int cb, v16 y[4], const int Cin) {
+    stem_windows(A, n, i, j, cb, y, Cin, 1);
+}
+
+/* Every pooled window of row r, channels 16 cb ..: the body sees j, the window's column, and y[4], its conv
+ * outputs; two windows' convs at a time where the row has two left */
+#define FOR_EACH_STEM_WINDOW(...)                                                                              \
+    for (int j2 = 0; j2 < W2; j2 += 2) {                                                                       \
+        v16 yy[8];                                                                                             \
+        int G = j2 + 1 < W2 ? 2 : 1;                                                                           \
+        if (G == 2) stem_windows(A, r / H2, r % H2, j2, cb, yy, Cin, 2);                                       \
+        else stem_windows(A, r / H2, r % H2, j2, cb, yy, Cin, 1);                                              \
+        for (int g = 0; g < G; g++) { int j = j2 + g; v16* y = yy + 4 * g; __VA_ARGS__ }                        \
+    }
+
+/* Statistics of one pooled row's conv outputs (2 image rows) about K, added to s, q (Cout doubles each) */
+ALWAYS_INLINE void stem_stats_row(const StemArgs* A, long r, const float* K, double* s, double* q, const int Cin) {
+    const int H2 = A->H / 2, W2 = A->W / 2;
+    for (int cb = 0; cb < A->Cout / 16; cb++) {
+        v16 kv = ld_f32(K + 16 * cb), a = {0}, b = {0};
+        FOR_EACH_STEM_WINDOW(
+            for (int e = 0; e < 4; e++) { v16 v = y[e] - kv; a += v; b += v * v; }
+        )
+        for (int l = 0; l < 16; l++) { s[16 * cb + l] += a[l]; q[16 * cb + l] += b[l]; }
+    }
+}
+
+/* One pooled row of the output: bn_fwd_row's mode 1 on the conv outputs computed here */
+ALWAYS_INLINE void stem_apply_row(const StemArgs* A, long r, const int Cin) {
+    const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout;
+    for (int cb = 0; cb < C / 16; cb++) {
+        v16 sc = ld_f32(A->scale + 16 * cb), sh = ld_f32(A->shift + 16 * cb), zero = {0};
+        FOR_EACH_STEM_WINDOW(
+            i16v k, four = {0}; four += 4;
+            v16 m = argmax4(round_bf16(y[0] * sc + sh), round_bf16(y[1] * sc + sh), round_bf16(y[2] * sc + sh),
+                            round_bf16(y[3] * sc + sh), &k);
+            long o = (r * W2 + j) * C + 16 * cb;
+            st_bf16(A->out + o, relu16(m));
+            st_idx(A->idx + o, seli(m > zero, k, four));
+            v16 yk = sel(k == four - 3, y[1], y[0]);
+            yk = sel(k == four - 2, y[2], yk);
+            st_bf16(A->ymax + o, sel(k == four - 1, y[3], yk));
+        )
+    }
+}
+
+/* One pooled row's weight gradient, added to dw (Cout / 16, 3, 3 Cin, 16 doubles): per window the conv again,
+ * dy = scale * gz + b * (y - mean) + c at its four pixels, rounded to bf16 and paired left with right; then
+ * for each pair and each of the 9 Cin patch values, one dot product with xi. */
+ALWAYS_INLINE void stem_wgrad_row(const StemArgs* A, long r, double* dw, const int Cin) {
+    const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout, Q = 3 * Cin;
+    const long n = r / H2, i = r % H2, WP = A->W + 2;
+    u16v pairs[2 * (MAX_HW / 2)];                       /* per window: the top row's pair, the bottom row's */
+    for (int cb = 0; cb < C / 16; cb++) {
+        v16 sc = ld_f32(A->scale + 16 * cb), mu = ld_f32(A->mean + 16 * cb);
+        v16 bv = ld_f32(A->b + 16 * cb), cv = ld_f32(A->c + 16 * cb);
+        FOR_EACH_STEM_WINDOW(
+            v16 d[4];
+            long o = (r * W2 + j) * C + 16 * cb;
+            v16 gv = ld_bf16(A->g + o);
+            i16v k = ld_idx(A->idx + o);
+            for (int e = 0; e < 4; e++) d[e] = round_bf16(sc * route(gv, k, e) + bv * (y[e] - mu) + cv);
+            pairs[2 * j] = (bits(d[0]) >> 16) | bits(d[1]);
+            pairs[2 * j + 1] = (bits(d[2]) >> 16) | bits(d[3]);
+        )
+        v16 acc[3 * 3 * STEM_MAX_CIN];
+        for (int t = 0; t < 3 * Q; t++) { v16 zero = {0}; acc[t] = zero; }
+        for (int j = 0; j < W2; j++)
+            for (int e = 0; e < 2; e++) {
+                const uint16_t* x = (const uint16_t*)(A->xi + ((n * (A->H + 2) + 2 * i + e) * WP + 2 * j) * Cin);
+                for (int rr = 0; rr < 3; rr++)
+                    for (int t = 0; t < Q; t++)
+                        acc[rr * Q + t] = dp2(acc[rr * Q + t], pairs[2 * j + e], x + 2 * (rr * WP * Cin + t));
+            }
+        double* o = dw + (long)cb * 3 * Q * 16;
+        for (int t = 0; t < 3 * Q; t++)
+            for (int l = 0; l < 16; l++) o[t * 16 + l] += acc[t][l];
+    }
+}
+
+#define STEM_CALL(f, ...)                                                                                      \
+    switch (Cin) { case 1: f(__VA_ARGS__, 1); break; case 2: f(__VA_ARGS__, 2); break;                         \
+                   case 3: f(__VA_ARGS__, 3); break; default: f(__VA_ARGS__, 4); }
+
+static int stem_unsupported(int H, int W, int Cin, int Cout) {
+    return Cin < 1 || Cin > STEM_MAX_CIN || Cout % 16 || Cout > STEM_MAX_COUT || H % 2 || W % 2 || W > MAX_HW;
+}
+
+/* wpk from the f32 conv weight (Cout, Cin, 3, 3), rounded to bf16 as autocast rounds it */
+static void stem_pack(const float* cw, int Cin, int Cout, uint32_t* wpk) {
+    const int NP = STEM_NP(Cin);
+    for (int co = 0; co < Cout; co++)
+        for (int r = 0; r < 3; r++)
+            for (int p = 0; p < NP; p++) {
+                uint32_t pair = 0;
+                for (int e = 0; e < 2; e++) {
+                    int q = 2 * p + e, s = q / Cin, ci = q % Cin;
+                    uint16_t h = q < 3 * Cin ? f2bf(cw[((co * Cin + ci) * 3 + r) * 3 + s]) : 0;
+                    pair |= (uint32_t)h << (16 * e);
+                }
+                wpk[(((co / 16) * 3 + r) * NP + p) * 16 + co % 16] = pair;
+            }
+}
+
+/* xp from x (N, H, W, Cin) bf16: the zero border, then STEM_SLACK zeros */
+static void stem_pad(const uint16_t* x, int N, int H, int W, int Cin, uint16_t* xp) {
+    const long WP = W + 2, row = WP * Cin;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < (long)N * (H + 2); t++) {
+        long n = t / (H + 2), h = t % (H + 2);
+        uint16_t* o = xp + t * row;
+        if (h == 0 || h == H + 1) { memset(o, 0, row * 2); continue; }
+        memset(o, 0, Cin * 2); memset(o + (W + 1) * Cin, 0, Cin * 2);
+        memcpy(o + Cin, x + ((n * H + h - 1) * W) * Cin, (long)W * Cin * 2);
+    }
+    memset(xp + (long)N * (H + 2) * row, 0, STEM_SLACK * 2);
+}
+
+/* x (N, H, W, Cin) bf16 -> out, idx, ymax (N, H / 2, W / 2, Cout) as bn_act's mode 1, the batch mean and biased
+ * variance (f32), and xp (the backward's input). part: (T, 2, Cout) double scratch. */
+int stem_forward(const uint16_t* x, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
+                 const float* bias, float eps, uint16_t* xp, uint16_t* out, uint8_t* idx, uint16_t* ymax,
+                 float* mean, float* var, double* part, int T) {
+    if (stem_unsupported(H, W, Cin, Cout)) return -1;
+    uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
+    stem_pack(cw, Cin, Cout, wpk);
+    stem_pad(x, N, H, W, Cin, xp);
+    StemArgs a = {.xp = xp, .H = H, .W = W, .Cout = Cout, .wpk = wpk};
+    float K[STEM_MAX_COUT];                                     /* the shift: pixel 0's conv output */
+    for (int cb = 0; cb < Cout / 16; cb++) {
+        v16 y[4];
+        STEM_CALL(stem_window, &a, 0, 0, 0, cb, y)
+        for (int l = 0; l < 16; l++) K[16 * cb + l] = y[0][l];
+    }
+    long R = (long)N * (H / 2);
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        double* s = part + (long)t * 2 * Cout; double* q = s + Cout;
+        for (int c = 0; c < Cout; c++) s[c] = q[c] = 0.0;
+        for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_stats_row, &a, r, K, s, q) }
+    }
+    double P = (double)N * H * W, inv[STEM_MAX_COUT];
+    float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT];
+    for (int c = 0; c < Cout; c++) {
+        double sum = 0.0, sq = 0.0;
+        for (int t = 0; t < T; t++) { sum += part[(long)t * 2 * Cout + c]; sq += part[(long)t * 2 * Cout + Cout + c]; }
+        double shifted = sum / P, v = sq / P - shifted * shifted;
+        var[c] = (float)(v > 0.0 ? v : 0.0);
+        mean[c] = (float)(shifted + K[c]);
+    }
+    bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
+    a.scale = scale; a.shift = shift; a.out = out; a.idx = idx; a.ymax = ymax;
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) { STEM_CALL(stem_apply_row, &a, r) }
+    return 0;
+}
+
+/* The backward: g (N, H / 2, W / 2, Cout) bf16 and the forward's outputs -> dcw (Cout, Cin, 3, 3), dweight, dbias
+ * (f32). xi: (N, H + 2, W + 2, Cin) uint32 scratch; part: (T, max(2, 9 Cin), Cout) double scratch. */
+int stem_backward(const uint16_t* xp, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
+                  const float* bias, float eps, const uint8_t* idx, const uint16_t* ymax, const uint16_t* g,
+                  const float* mean, const float* var, uint32_t* xi, float* dcw, float* dweight, float* dbias,
+                  double* part, int T) {
+    if (stem_unsupported(H, W, Cin, Cout)) return -1;
+    uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
+    stem_pack(cw, Cin, Cout, wpk);
+    double inv[STEM_MAX_COUT];
+    float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT], b[STEM_MAX_COUT], cc[STEM_MAX_COUT];
+    bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
+    bn_act_bwd_sums(NULL, 1, N, H, W, Cout, scale, shift, mean, 1, idx, ymax, g, part, T);
+    double P = (double)N * H * W;
+    for (int c = 0; c < Cout; c++) {
+        double s1 = 0.0, sy = 0.0;
+        for (int t = 0; t < T; t++) { s1 += part[(long)t * 2 * Cout + c]; sy += part[(long)t * 2 * Cout + Cout + c]; }
+        double dw = inv[c] * sy;
+        dweight[c] = (float)dw;
+        dbias[c] = (float)s1;
+        b[c] = (float)(-(double)scale[c] * inv[c] * dw / P);
+        cc[c] = (float)(-(double)scale[c] * s1 / P);
+    }
+    const long WP = W + 2, rows = (long)N * (H + 2);
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < rows; t++) {
+        const uint16_t* s = xp + t * WP * Cin; uint32_t* o = xi + t * WP * Cin;
+        for (long e = 0; e < (WP - 1) * Cin; e++) o[e] = s[e] | (uint32_t)s[e + Cin] << 16;
+        for (long e = (WP - 1) * Cin; e < WP * Cin; e++) o[e] = 0;
+    }
+    StemArgs a = {.xp = xp, .xi = xi, .H = H, .W = W, .Cout = Cout, .wpk = wpk, .scale = scale, .shift = shift,
+                  .mean = mean, .b = b, .c = cc, .idx = (uint8_t*)idx, .g = g};
+    const int D = 9 * Cin * Cout;
+    long R = (long)N * (H / 2);
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        double* dw = part + (long)t * D;
+        for (int e = 0; e < D; e++) dw[e] = 0.0;
+        for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_wgrad_row, &a, r, dw) }
+    }
+    const int Q = 3 * Cin;
+    for (int co = 0; co < Cout; co++)
+        for (int ci = 0; ci < Cin; ci++)
+            for (int r = 0; r < 3; r++)
+                for (int s = 0; s < 3; s++) {
+                    double v = 0.0;
+                    for (int t = 0; t < T; t++)
+                        v += part[(long)t * D + (((co / 16) * 3 + r) * Q + s * Cin + ci) * 16 + co % 16];
+                    dcw[((co * Cin + ci) * 3 + r) * 3 + s] = (float)v;
+                }
+    return 0;
+}
+
+/* 1 where the stem's dot products are AVX512-BF16 instructions (fastclr uses the stem only there) */
+int stem_fast(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* The OpenMP team every kernel's parallel loop uses: fastclr/kernels.py sets it to torch.get_num_threads()
