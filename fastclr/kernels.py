@@ -11,8 +11,8 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
   average pool, or the ReLU after it, two passes each way (``F.batch_norm`` and the layers' gradients, to float
   rounding).
 * :func:`stem` (autograd): the cnn's first stage whole under bf16 autocast, the 3x3 conv of a few input channels,
-  training-mode BatchNorm, the max-pool and the ReLU, without writing the conv's output (it is recomputed from
-  the padded input in each pass, on AVX512-BF16 dot products).
+  training-mode BatchNorm, the max-pool and the ReLU, on AVX512-BF16 dot products, the BN statistics summed as the
+  conv writes its output and the conv's output gradient never written.
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 * :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
@@ -48,6 +48,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
@@ -102,10 +103,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_act_forward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, I]
     lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
     lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
-    lib.stem_forward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, I]
-    lib.stem_backward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
-    lib.stem_forward.restype = lib.stem_backward.restype = lib.stem_fast.restype = ctypes.c_int
-    lib.stem_fast.argtypes = []
+    lib.stem_forward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, I]
+    lib.stem_backward.argtypes = [P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
+    lib.stem_forward.restype = lib.stem_backward.restype = lib.has_bf16_dot.restype = ctypes.c_int
+    lib.has_bf16_dot.argtypes = []
+    lib.conv3x3_wgrad.argtypes = [P, P, I, I, I, I, I, P, P, I]
+    lib.conv3x3_wgrad.restype = ctypes.c_int
+    lib.conv3x3_wgrad_scratch.argtypes = [I, I, I, I]
+    lib.conv3x3_wgrad_scratch.restype = ctypes.c_long
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -470,10 +475,11 @@ STEM_MAX_IN, STEM_MAX_OUT, _STEM_SLACK = 4, 64, 16     # the C file's STEM_MAX_C
 
 @torch.library.custom_op("fastclr::stem", mutates_args=())
 def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor,
-          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x (N, Cin, H, W) bf16 -> out (N, H/2, W/2, Cout) bf16, idx and ymax as bn_act's BN_MAXPOOL_RELU outputs, the
-    batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and xp, x padded for the backward
-    (flat bf16). conv_weight (Cout, Cin, 3, 3) f32; weight, bias: BN's (Cout,)."""
+    batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and for the backward xp, x padded
+    (flat bf16), and y, the conv output (N, H, W, Cout) bf16. conv_weight (Cout, Cin, 3, 3) f32; weight, bias:
+    BN's (Cout,)."""
     n, cin, h, w = x.shape
     cout = conv_weight.shape[0]
     xh, cw = _nhwc(x), conv_weight.float().contiguous()
@@ -482,13 +488,13 @@ def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor,
     part = torch.empty(t, 2, cout, dtype=torch.float64)
     xp = torch.empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16)
     out, idx = _pooled(n, cout, h // 2, w // 2, torch.bfloat16)
-    ymax = torch.empty_like(out)
+    ymax, y = torch.empty_like(out), torch.empty(n, h, w, cout, dtype=torch.bfloat16)
     mean, var = torch.empty(cout), torch.empty(cout)
     if _lib().stem_forward(xh.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
-                           xp.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(), mean.data_ptr(),
+                           xp.data_ptr(), y.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(), mean.data_ptr(),
                            var.data_ptr(), part.data_ptr(), t) != 0:
         raise ValueError("stem called on an unsupported shape (see stem_supported)")
-    return out, idx, ymax, mean, var, xp
+    return out, idx, ymax, mean, var, xp, y
 
 
 @_stem.register_fake
@@ -498,15 +504,15 @@ def _(x, conv_weight, weight, bias, eps):
     shape = (n, h // 2, w // 2, cout)
     return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty(shape),
             x.new_empty(cout, dtype=torch.float32), x.new_empty(cout, dtype=torch.float32),
-            x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK))
+            x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK), x.new_empty(n, h, w, cout))
 
 
 @torch.library.custom_op("fastclr::stem_backward", mutates_args=())
-def _stem_backward(g: Tensor, xp: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor, weight: Tensor,
+def _stem_backward(g: Tensor, xp: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor, weight: Tensor,
                    bias: Tensor, mean: Tensor, var: Tensor, eps: float, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
     """g (N, H/2, W/2, Cout) and the forward's saved tensors -> the gradients of conv_weight, weight and bias
     (the input's is never needed: it is the normalised views). BN's backward as bn_act_backward's; the conv's
-    weight gradient sum over pixels of dy x patch, with dy never written."""
+    weight gradient the sum over pixels of dy x patch, with dy never written."""
     n, cout, cin = g.shape[0], conv_weight.shape[0], conv_weight.shape[1]
     gh = g.to(torch.bfloat16).contiguous()
     cw = conv_weight.float().contiguous()
@@ -516,7 +522,7 @@ def _stem_backward(g: Tensor, xp: Tensor, idx: Tensor, ymax: Tensor, conv_weight
     part = torch.empty(t, 9 * cin, cout, dtype=torch.float64)
     xi = torch.empty(n * (h + 2) * (w + 2) * cin, dtype=torch.int32)
     dcw, dweight, dbias = torch.empty(cout, cin, 3, 3), torch.empty(cout), torch.empty(cout)
-    if _lib().stem_backward(xp.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
+    if _lib().stem_backward(xp.data_ptr(), y.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
                             idx.contiguous().data_ptr(), ymax.contiguous().data_ptr(), gh.data_ptr(),
                             mean.data_ptr(), var.data_ptr(), xi.data_ptr(), dcw.data_ptr(), dweight.data_ptr(),
                             dbias.data_ptr(), part.data_ptr(), t) != 0:
@@ -525,21 +531,21 @@ def _stem_backward(g: Tensor, xp: Tensor, idx: Tensor, ymax: Tensor, conv_weight
 
 
 @_stem_backward.register_fake
-def _(g, xp, idx, ymax, conv_weight, weight, bias, mean, var, eps, h, w):
+def _(g, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, eps, h, w):
     return torch.empty_like(conv_weight), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _stem_setup(ctx, inputs, output):
     x, conv_weight, weight, bias, eps = inputs
-    _, idx, ymax, mean, var, xp = output
-    ctx.mark_non_differentiable(idx, ymax, mean, var, xp)
-    ctx.save_for_backward(xp, idx, ymax, conv_weight, weight, bias, mean, var)
+    _, idx, ymax, mean, var, xp, y = output
+    ctx.mark_non_differentiable(idx, ymax, mean, var, xp, y)
+    ctx.save_for_backward(xp, y, idx, ymax, conv_weight, weight, bias, mean, var)
     ctx.eps_hw = (eps, x.shape[2], x.shape[3])
 
 
-def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp):
-    xp, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
-    dcw, dweight, dbias = _stem_backward(g_out, xp, idx, ymax, conv_weight, weight, bias, mean, var, *ctx.eps_hw)
+def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp, g_y):
+    xp, y, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
+    dcw, dweight, dbias = _stem_backward(g_out, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, *ctx.eps_hw)
     return None, dcw, dweight, dbias, None
 
 
@@ -547,10 +553,10 @@ _stem.register_autograd(_stem_grad, setup_context=_stem_setup)
 
 
 @torch.compiler.assume_constant_result
-def stem_fast() -> bool:
-    """Whether the stem's kernel runs on AVX512-BF16 dot products here (elsewhere it is correct but slow, so
-    the encoder keeps ATen's conv and bn_act)."""
-    return available() and bool(load().stem_fast())
+def has_bf16_dot() -> bool:
+    """Whether the kernels' bf16 dot products are AVX512-BF16 instructions here. :func:`stem` and
+    :func:`conv3x3` are correct without them but slow, so the encoder uses them only where this holds."""
+    return available() and bool(load().has_bf16_dot())
 
 
 def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
@@ -571,9 +577,82 @@ def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     """``relu(max_pool2d(bn(conv(x)), 2))`` in training mode as one op each way, ``bn``'s running statistics
     updated as ``nn.BatchNorm2d`` updates them. (N, Cin, H, W) bf16 -> (N, Cout, H/2, W/2) bf16 channels_last.
     Check :func:`stem_supported` first."""
-    out, _, _, mean, var, _ = _stem(x, conv.weight, bn.weight, bn.bias, float(bn.eps))
+    out, _, _, mean, var, _, _ = _stem(x, conv.weight, bn.weight, bn.bias, float(bn.eps))
     _update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return out.permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- a 3x3 conv's weight gradient
+
+@torch.library.custom_op("fastclr::conv3x3_wgrad", mutates_args=())
+def _conv3x3_wgrad(g: Tensor, x: Tensor) -> Tensor:
+    """g (N, Co, H, W) and x (N, Ci, H, W) bf16 -> the gradient (Co, Ci, 3, 3) f32 of a 3x3 conv's weight (stride 1,
+    zero padding 1, no bias) whose output gradient is g, summed in f32 (ATen's under autocast is rounded to
+    bf16)."""
+    n, ci, h, w = x.shape
+    co = g.shape[1]
+    xh, gh = _nhwc(x), _nhwc(g.to(x.dtype))
+    t = max(1, min(torch.get_num_threads(), n))       # the loop splits the images
+    lib = _lib()
+    scratch = torch.empty(t * lib.conv3x3_wgrad_scratch(h, w, ci, co))
+    dw = torch.empty(co, ci, 3, 3)
+    if lib.conv3x3_wgrad(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, dw.data_ptr(), scratch.data_ptr(), t) != 0:
+        raise ValueError("conv3x3_wgrad called on an unsupported shape (see conv3x3_supported)")
+    return dw
+
+
+@_conv3x3_wgrad.register_fake
+def _(g, x):
+    return x.new_empty(g.shape[1], x.shape[1], 3, 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastclr::conv3x3", mutates_args=())
+def _conv3x3(x: Tensor, weight: Tensor) -> Tensor:
+    """ATen's 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 with weight (Co, Ci, 3, 3) f32 rounded
+    to bf16, as under autocast; its backward takes the weight gradient from :func:`_conv3x3_wgrad`."""
+    return F.conv2d(x, weight.to(x.dtype), padding=1)
+
+
+@_conv3x3.register_fake
+def _(x, weight):
+    y = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    return y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else y
+
+
+def _conv3x3_setup(ctx, inputs, output):
+    x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _conv3x3_grad(ctx, g):
+    x, weight = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.aten.convolution_backward(g, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False,
+                                                 [0, 0], 1, [True, False, False])[0]
+    return dx, _conv3x3_wgrad(g, x) if ctx.needs_input_grad[1] else None
+
+
+_conv3x3.register_autograd(_conv3x3_grad, setup_context=_conv3x3_setup)
+
+
+def conv3x3_supported(x: Tensor, conv: nn.Module) -> bool:
+    """The weight-gradient kernel takes a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32 weights needing a
+    gradient) on a bf16 CPU (N, Ci, H, W) input, Ci % 4 == 0, Co % 16 == 0, W <= 256, while gradients
+    are recorded: training under bf16 autocast."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32 and conv.weight.requires_grad
+            and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.shape[1] == conv.in_channels and x.shape[1] % 4 == 0 and conv.out_channels % 16 == 0
+            and x.shape[3] <= 256 and x.shape[0] > 0 and available())
+
+
+def conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` under bf16 autocast, its weight gradient computed by fastclr's kernel (dW in f32; the input's
+    gradient is ATen's). (N, Ci, H, W) bf16 -> (N, Co, H, W) bf16. Check :func:`conv3x3_supported` first."""
+    return _conv3x3(x, conv.weight)
 
 
 # --------------------------------------------------------------------------- the encoders' input normalisation

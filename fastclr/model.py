@@ -156,7 +156,8 @@ class Encoder(nn.Module):
         the normalisation before a first conv is one (written as the conv's input dtype under autocast), and in
         training under bf16 autocast that conv with its BatchNorm2d -> MaxPool2d(2) -> ReLU another
         (kernels.stem); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by
-        ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another. The same function
+        ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other 3x3 convs take their
+        weight gradient from kernels.conv3x3 (training under bf16 autocast). The same function
         (tests/test_kernels.py, tests/test_model.py)."""
         layers = list(self.body)
         i = 0
@@ -166,7 +167,7 @@ class Encoder(nn.Module):
                                              _scalar(self.hparams["std"])), 3
         elif isinstance(layers[0], nn.Conv2d) and kernels.normalize_supported(x):
             x = kernels.normalize(x, self.mean, self.std)
-            if _bn_pattern(layers, 1)[0] == kernels.BN_MAXPOOL_RELU and kernels.stem_fast() \
+            if _bn_pattern(layers, 1)[0] == kernels.BN_MAXPOOL_RELU and kernels.has_bf16_dot() \
                     and kernels.stem_supported(x, layers[0], layers[1]):
                 x, i = kernels.stem(x, layers[0], layers[1]), 4
         else:
@@ -177,6 +178,8 @@ class Encoder(nn.Module):
                 x, i = kernels.bn_act(x, layers[i], mode), i + span
             elif _is_pool_relu(layers, i) and kernels.pool_relu_supported(x):
                 x, i = kernels.pool_relu(x), i + 2
+            elif kernels.has_bf16_dot() and kernels.conv3x3_supported(x, layers[i]):
+                x, i = kernels.conv3x3(x, layers[i]), i + 1
             else:
                 x, i = layers[i](x), i + 1
         return x

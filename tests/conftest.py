@@ -81,7 +81,7 @@ def kernel_calls(monkeypatch):
     """Counts calls of each kernel entry point, so that a kernels-vs-layers comparison can tell a kernel
     that ran from a silent fallback to the layers (which would compare the layers with themselves)."""
     calls = {}
-    for name in ("pool_relu", "conv3x3_pool_relu", "bn_act", "stem", "warp_sample", "thickness", "blur3", "color_jitter"):
+    for name in ("pool_relu", "conv3x3_pool_relu", "bn_act", "stem", "conv3x3", "warp_sample", "thickness", "blur3", "color_jitter"):
         real = getattr(kernels, name)
 
         def counted(*a, _real=real, _name=name, **k):

@@ -726,17 +726,18 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
 
 /* ------------------------------------------------------------------------------------------------------------
  * The cnn's first stage at once (stem): a 3x3 conv with few input channels (Cin <= 4, no bias, zero padding 1)
- * -> training-mode BatchNorm -> 2x2 max-pool -> ReLU, bf16 in and out, the conv output never written.
+ * -> training-mode BatchNorm -> 2x2 max-pool -> ReLU, bf16 in and out.
  *
  * Why: at 3 x 32 x 32 the conv output is the largest map of the step (B x 32 x 32 x 32). Unfused, it is written by
  * the conv, read twice by bn_act's forward, read again by its backward, which writes its gradient (as large),
- * which the conv's weight gradient reads back; and oneDNN runs a 3-channel conv at a third of the speed it runs
- * the later stages (K = 27 is too short for its blocking). Here each pass recomputes the conv from the padded
- * input (B x 34 x 34 x 3, L2-sized) with AVX512-BF16 dot products, which costs less than reading the map back:
- *   forward:  pass 1 the conv -> BN statistics; pass 2 the conv -> BN -> pool -> ReLU -> out, idx, ymax
- *             (bn_act's mode 1 outputs, so the backward's two sums are bn_act's, from pooled tensors);
- *   backward: the sums; then per window the conv again -> dy (BN's gradient, rounded to bf16 as ATen's is) ->
- *             dW += dy x input patch, as dot products over pairs of neighbouring pixels.
+ * which the conv's weight gradient reads back; and oneDNN runs a 3-channel conv at half the speed it runs the
+ * later stages (K = 27 is short for its blocking). Here, with AVX512-BF16 dot products from the padded input
+ * (B x 34 x 34 x 3, L2-sized):
+ *   forward:  the conv -> y, its BN statistics summed as it is written; then bn_act's mode-1 apply pass on y
+ *             (out, idx, ymax, so the backward's two sums are bn_act's, from pooled tensors);
+ *   backward: the sums; then per window dy from y (BN's gradient, rounded to bf16 as ATen's is) ->
+ *             dW += dy x input patch, as dot products over pairs of neighbouring pixels: the gradient map is
+ *             never written.
  * The conv is ATen's under bf16 autocast: bf16 input and weight (the weight rounded to nearest even), f32
  * accumulation, the output rounded to bf16 before BN, whose statistics are of that rounded output.
  *
@@ -752,7 +753,7 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
 #define STEM_NP(cin) ((3 * (cin) + 1) / 2)
 
 typedef struct {
-    const uint16_t* xp; const uint32_t* xi; int H, W, Cout; const uint32_t* wpk;
+    const uint16_t* xp; const uint32_t* xi; uint16_t* y; int H, W, Cout; const uint32_t* wpk;
     const float *scale, *shift, *mean, *b, *c;
     uint16_t* out; uint8_t* idx; uint16_t* ymax; const uint16_t* g;
 } StemArgs;
@@ -812,56 +813,43 @@ ALWAYS_INLINE void stem_window(const StemArgs* A, long n, int i, int j, int cb, 
         for (int g = 0; g < G; g++) { int j = j2 + g; v16* y = yy + 4 * g; __VA_ARGS__ }                        \
     }
 
-/* Statistics of one pooled row's conv outputs (2 image rows) about K, added to s, q (Cout doubles each) */
-ALWAYS_INLINE void stem_stats_row(const StemArgs* A, long r, const float* K, double* s, double* q, const int Cin) {
-    const int H2 = A->H / 2, W2 = A->W / 2;
-    for (int cb = 0; cb < A->Cout / 16; cb++) {
+/* One pooled row's conv outputs (2 image rows) into y, their statistics about K added to s, q (Cout doubles) */
+ALWAYS_INLINE void stem_conv_row(const StemArgs* A, long r, const float* K, double* s, double* q, const int Cin) {
+    const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout;
+    const long i00 = ((r / H2) * A->H + 2 * (r % H2)) * (long)A->W * C, i10 = i00 + (long)A->W * C;
+    for (int cb = 0; cb < C / 16; cb++) {
         v16 kv = ld_f32(K + 16 * cb), a = {0}, b = {0};
         FOR_EACH_STEM_WINDOW(
             for (int e = 0; e < 4; e++) { v16 v = y[e] - kv; a += v; b += v * v; }
+            long o = 2L * j * C + 16 * cb;
+            st_bf16(A->y + i00 + o, y[0]); st_bf16(A->y + i00 + o + C, y[1]);
+            st_bf16(A->y + i10 + o, y[2]); st_bf16(A->y + i10 + o + C, y[3]);
         )
         for (int l = 0; l < 16; l++) { s[16 * cb + l] += a[l]; q[16 * cb + l] += b[l]; }
     }
 }
 
-/* One pooled row of the output: bn_fwd_row's mode 1 on the conv outputs computed here */
-ALWAYS_INLINE void stem_apply_row(const StemArgs* A, long r, const int Cin) {
-    const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout;
-    for (int cb = 0; cb < C / 16; cb++) {
-        v16 sc = ld_f32(A->scale + 16 * cb), sh = ld_f32(A->shift + 16 * cb), zero = {0};
-        FOR_EACH_STEM_WINDOW(
-            i16v k, four = {0}; four += 4;
-            v16 m = argmax4(round_bf16(y[0] * sc + sh), round_bf16(y[1] * sc + sh), round_bf16(y[2] * sc + sh),
-                            round_bf16(y[3] * sc + sh), &k);
-            long o = (r * W2 + j) * C + 16 * cb;
-            st_bf16(A->out + o, relu16(m));
-            st_idx(A->idx + o, seli(m > zero, k, four));
-            v16 yk = sel(k == four - 3, y[1], y[0]);
-            yk = sel(k == four - 2, y[2], yk);
-            st_bf16(A->ymax + o, sel(k == four - 1, y[3], yk));
-        )
-    }
-}
-
-/* One pooled row's weight gradient, added to dw (Cout / 16, 3, 3 Cin, 16 doubles): per window the conv again,
- * dy = scale * gz + b * (y - mean) + c at its four pixels, rounded to bf16 and paired left with right; then
- * for each pair and each of the 9 Cin patch values, one dot product with xi. */
+/* One pooled row's weight gradient, added to dw (Cout / 16, 3, 3 Cin, 16 doubles): per window dy = scale * gz +
+ * b * (y - mean) + c at its four pixels, rounded to bf16 and paired left with right; then for each pair and
+ * each of the 9 Cin patch values, one dot product with xi. */
 ALWAYS_INLINE void stem_wgrad_row(const StemArgs* A, long r, double* dw, const int Cin) {
     const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout, Q = 3 * Cin;
     const long n = r / H2, i = r % H2, WP = A->W + 2;
+    const long i00 = (n * A->H + 2 * i) * (long)A->W * C, i10 = i00 + (long)A->W * C;
     u16v pairs[2 * (MAX_HW / 2)];                       /* per window: the top row's pair, the bottom row's */
     for (int cb = 0; cb < C / 16; cb++) {
         v16 sc = ld_f32(A->scale + 16 * cb), mu = ld_f32(A->mean + 16 * cb);
         v16 bv = ld_f32(A->b + 16 * cb), cv = ld_f32(A->c + 16 * cb);
-        FOR_EACH_STEM_WINDOW(
-            v16 d[4];
-            long o = (r * W2 + j) * C + 16 * cb;
+        for (int j = 0; j < W2; j++) {
+            long o = (r * W2 + j) * C + 16 * cb, p = 2L * j * C + 16 * cb;
+            v16 y[4] = {ld_bf16(A->y + i00 + p), ld_bf16(A->y + i00 + p + C), ld_bf16(A->y + i10 + p),
+                        ld_bf16(A->y + i10 + p + C)}, d[4];
             v16 gv = ld_bf16(A->g + o);
             i16v k = ld_idx(A->idx + o);
             for (int e = 0; e < 4; e++) d[e] = round_bf16(sc * route(gv, k, e) + bv * (y[e] - mu) + cv);
             pairs[2 * j] = (bits(d[0]) >> 16) | bits(d[1]);
             pairs[2 * j + 1] = (bits(d[2]) >> 16) | bits(d[3]);
-        )
+        }
         v16 acc[3 * 3 * STEM_MAX_CIN];
         for (int t = 0; t < 3 * Q; t++) { v16 zero = {0}; acc[t] = zero; }
         for (int j = 0; j < W2; j++)
@@ -915,16 +903,16 @@ static void stem_pad(const uint16_t* x, int N, int H, int W, int Cin, uint16_t* 
     memset(xp + (long)N * (H + 2) * row, 0, STEM_SLACK * 2);
 }
 
-/* x (N, H, W, Cin) bf16 -> out, idx, ymax (N, H / 2, W / 2, Cout) as bn_act's mode 1, the batch mean and biased
- * variance (f32), and xp (the backward's input). part: (T, 2, Cout) double scratch. */
+/* x (N, H, W, Cin) bf16 -> y (N, H, W, Cout), the conv's output; out, idx, ymax (N, H / 2, W / 2, Cout) as
+ * bn_act's mode 1; the batch mean and biased variance (f32); and xp (the backward's input). part: (T, 2, Cout) double scratch. */
 int stem_forward(const uint16_t* x, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
-                 const float* bias, float eps, uint16_t* xp, uint16_t* out, uint8_t* idx, uint16_t* ymax,
-                 float* mean, float* var, double* part, int T) {
+                 const float* bias, float eps, uint16_t* xp, uint16_t* y, uint16_t* out, uint8_t* idx,
+                 uint16_t* ymax, float* mean, float* var, double* part, int T) {
     if (stem_unsupported(H, W, Cin, Cout)) return -1;
     uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
     stem_pack(cw, Cin, Cout, wpk);
     stem_pad(x, N, H, W, Cin, xp);
-    StemArgs a = {.xp = xp, .H = H, .W = W, .Cout = Cout, .wpk = wpk};
+    StemArgs a = {.xp = xp, .y = y, .H = H, .W = W, .Cout = Cout, .wpk = wpk};
     float K[STEM_MAX_COUT];                                     /* the shift: pixel 0's conv output */
     for (int cb = 0; cb < Cout / 16; cb++) {
         v16 y[4];
@@ -936,7 +924,7 @@ int stem_forward(const uint16_t* x, int N, int H, int W, int Cin, const float* c
     for (int t = 0; t < T; t++) {
         double* s = part + (long)t * 2 * Cout; double* q = s + Cout;
         for (int c = 0; c < Cout; c++) s[c] = q[c] = 0.0;
-        for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_stats_row, &a, r, K, s, q) }
+        for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_conv_row, &a, r, K, s, q) }
     }
     double P = (double)N * H * W, inv[STEM_MAX_COUT];
     float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT];
@@ -948,15 +936,13 @@ int stem_forward(const uint16_t* x, int N, int H, int W, int Cin, const float* c
         mean[c] = (float)(shifted + K[c]);
     }
     bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
-    a.scale = scale; a.shift = shift; a.out = out; a.idx = idx; a.ymax = ymax;
-    #pragma omp parallel for schedule(static)
-    for (long r = 0; r < R; r++) { STEM_CALL(stem_apply_row, &a, r) }
+    bn_act_fwd(y, 1, N, H, W, Cout, scale, shift, 1, out, idx, ymax);
     return 0;
 }
 
 /* The backward: g (N, H / 2, W / 2, Cout) bf16 and the forward's outputs -> dcw (Cout, Cin, 3, 3), dweight, dbias
  * (f32). xi: (N, H + 2, W + 2, Cin) uint32 scratch; part: (T, max(2, 9 Cin), Cout) double scratch. */
-int stem_backward(const uint16_t* xp, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
+int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
                   const float* bias, float eps, const uint8_t* idx, const uint16_t* ymax, const uint16_t* g,
                   const float* mean, const float* var, uint32_t* xi, float* dcw, float* dweight, float* dbias,
                   double* part, int T) {
@@ -984,7 +970,7 @@ int stem_backward(const uint16_t* xp, int N, int H, int W, int Cin, const float*
         for (long e = 0; e < (WP - 1) * Cin; e++) o[e] = s[e] | (uint32_t)s[e + Cin] << 16;
         for (long e = (WP - 1) * Cin; e < WP * Cin; e++) o[e] = 0;
     }
-    StemArgs a = {.xp = xp, .xi = xi, .H = H, .W = W, .Cout = Cout, .wpk = wpk, .scale = scale, .shift = shift,
+    StemArgs a = {.xp = xp, .xi = xi, .y = (uint16_t*)y, .H = H, .W = W, .Cout = Cout, .wpk = wpk, .scale = scale, .shift = shift,
                   .mean = mean, .b = b, .c = cc, .idx = (uint8_t*)idx, .g = g};
     const int D = 9 * Cin * Cout;
     long R = (long)N * (H / 2);
@@ -1007,8 +993,117 @@ int stem_backward(const uint16_t* xp, int N, int H, int W, int Cin, const float*
     return 0;
 }
 
-/* 1 where the stem's dot products are AVX512-BF16 instructions (fastclr uses the stem only there) */
-int stem_fast(void) {
+/* ------------------------------------------------------------------------------------------------------------
+ * The weight gradient of a 3x3 conv (stride 1, zero padding 1), bf16 in, f32 out: dW[co, ci, r, s] =
+ * sum over pixels p of dy[p, co] x[p + (r - 1, s - 1), ci].
+ *
+ * Why: oneDNN runs this at ~270 GFLOP/s on the cnn's stages 2 and 3 where its forward runs at ~440 (2-core Zen 4),
+ * and it is a third of the colour step's convolution time. Here it is one register-tiled loop of AVX512-BF16 dot
+ * products, each summing two horizontally neighbouring pixels: per image, dy is rewritten as pairs dyi[h][w/2][co]
+ * = (dy[h][w][co], dy[h][w + 1][co]) and the padded input as xi[h][w][ci] = (x[h][w][ci], x[h][w + 1][ci]) (both
+ * a few tens of KB: L1/L2), then a tile of 4 x 16 output channels x 4 input channels at one (r, s) lives in 16
+ * accumulators while it sweeps the image's pixel pairs: per pair 4 loads of dyi, 4 broadcasts of xi, 16 dot
+ * products. Each thread sums its images into its own f32 dW; the threads' are added at the end.
+ * Takes Ci % 4 == 0, Co % 16 == 0 (conv3x3_wgrad checks); in an odd row the last pixel pairs with a zero.
+ * ------------------------------------------------------------------------------------------------------------ */
+#define WG_KT 4                                           /* input channels per tile */
+
+/* pairs of neighbouring elements a C-strided row apart: o[e] = (s[e], s[e + C]) for e < n, as 16 at a time */
+static inline void pair_rows(const uint16_t* s, long C, long n, uint32_t* o) {
+    long e = 0;
+    for (; e + 16 <= n; e += 16) {
+        h16v a, b; memcpy(&a, s + e, 32); memcpy(&b, s + e + C, 32);
+        u16v v = __builtin_convertvector(a, u16v) | (__builtin_convertvector(b, u16v) << 16);
+        memcpy(o + e, &v, 64);
+    }
+    for (; e < n; e++) o[e] = s[e] | (uint32_t)s[e + C] << 16;
+}
+
+/* One image's pairs: xi (H + 2, W + 2, Ci) from x (H, W, Ci), zero-padded; dyi (H, W / 2, Co) from dy (H, W, Co) */
+static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci, int Co, uint16_t* xpad,
+                     uint32_t* xi, uint32_t* dyi) {
+    const long WP = W + 2, row = WP * Ci;
+    memset(xpad, 0, (size_t)(H + 2) * row * 2 + (size_t)Ci * 2);
+    for (int h = 0; h < H; h++) memcpy(xpad + (h + 1) * row + Ci, x + (long)h * W * Ci, (size_t)W * Ci * 2);
+    pair_rows(xpad, Ci, (H + 2) * row, xi);            /* the last pixel of each row pairs with a border zero */
+    const int W2 = (W + 1) / 2;
+    for (int h = 0; h < H; h++) {
+        for (int w2 = 0; w2 < W / 2; w2++)
+            pair_rows(dy + ((long)h * W + 2 * w2) * Co, Co, Co, dyi + ((long)h * W2 + w2) * Co);
+        if (W % 2)                                    /* an odd row's last pixel pairs with a zero gradient */
+            for (int c = 0; c < Co; c++) dyi[((long)h * W2 + W2 - 1) * Co + c] = dy[((long)h * W + W - 1) * Co + c];
+    }
+}
+
+/* acc (9, Ci, Co) f32 += this image's dW, tile by tile; CT: 16-channel output blocks per tile */
+ALWAYS_INLINE void wg_image(const uint32_t* xi, const uint32_t* dyi, int H, int W, int Ci, int Co, float* acc,
+                            const int CT) {
+    const long WP = W + 2, W2 = (W + 1) / 2;
+    for (int rs = 0; rs < 9; rs++) {
+        const int r = rs / 3, s = rs % 3;
+        for (int c0 = 0; c0 < Ci; c0 += WG_KT)
+            for (int o0 = 0; o0 < Co; o0 += 16 * CT) {
+                v16 a[WG_KT][4];                        /* fixed sizes: a VLA would live in memory */
+                float* t = acc + ((long)rs * Ci + c0) * Co + o0;
+                for (int k = 0; k < WG_KT; k++)
+                    for (int c = 0; c < CT; c++) a[k][c] = ld_f32(t + (long)k * Co + 16 * c);
+                for (int h = 0; h < H; h++) {
+                    const uint32_t* xr = xi + ((long)(h + r) * WP + s) * Ci + c0;
+                    const uint32_t* dr = dyi + (long)h * W2 * Co + o0;
+                    for (int w2 = 0; w2 < W2; w2++) {
+                        u16v d[4];
+                        for (int c = 0; c < CT; c++) d[c] = ld_u32(dr + w2 * Co + 16 * c);
+                        const uint16_t* xv = (const uint16_t*)(xr + 2 * w2 * Ci);
+                        for (int k = 0; k < WG_KT; k++)
+                            for (int c = 0; c < CT; c++) a[k][c] = dp2(a[k][c], d[c], xv + 2 * k);
+                    }
+                }
+                for (int k = 0; k < WG_KT; k++)
+                    for (int c = 0; c < CT; c++) st_f32(t + (long)k * Co + 16 * c, a[k][c]);
+            }
+    }
+}
+
+/* x (N, H, W, Ci), dy (N, H, W, Co) bf16 -> dw (Co, Ci, 3, 3) f32. scratch: T x conv3x3_wgrad_scratch(...) floats. */
+long conv3x3_wgrad_scratch(int H, int W, int Ci, int Co) {
+    long xpad = ((long)(H + 2) * (W + 2) * Ci + Ci + 1) / 2, xi = (long)(H + 2) * (W + 2) * Ci;
+    long dyi = (long)H * ((W + 1) / 2) * Co, acc = 9L * Ci * Co;
+    return ((xpad + xi + dyi + acc + 15) / 16) * 16;
+}
+
+int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, int Ci, int Co, float* dw,
+                  float* scratch, int T) {
+    if (Ci % WG_KT || Co % 16 || W > 256) return -1;
+    const long per = conv3x3_wgrad_scratch(H, W, Ci, Co), D = 9L * Ci * Co;
+    const int CB = Co / 16;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float* base = scratch + t * per;
+        float* acc = base;
+        uint32_t* xi = (uint32_t*)(acc + D);
+        uint32_t* dyi = xi + (long)(H + 2) * (W + 2) * Ci;
+        uint16_t* xpad = (uint16_t*)(dyi + (long)H * ((W + 1) / 2) * Co);
+        memset(acc, 0, D * 4);
+        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) {
+            wg_pairs(x + n * H * W * Ci, dy + n * H * W * Co, H, W, Ci, Co, xpad, xi, dyi);
+            if (CB % 4 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, 4);
+            else if (CB % 2 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, 2);
+            else wg_image(xi, dyi, H, W, Ci, Co, acc, 1);
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (int co = 0; co < Co; co++)
+        for (int ci = 0; ci < Ci; ci++)
+            for (int rs = 0; rs < 9; rs++) {
+                double v = 0.0;
+                for (int t = 0; t < T; t++) v += scratch[t * per + ((long)rs * Ci + ci) * Co + co];
+                dw[((long)co * Ci + ci) * 9 + rs] = (float)v;
+            }
+    return 0;
+}
+
+/* 1 where dp2 is one AVX512-BF16 instruction (fastclr uses the stem and the weight gradient only there) */
+int has_bf16_dot(void) {
 #ifdef __AVX512BF16__
     return 1;
 #else
