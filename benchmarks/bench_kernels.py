@@ -70,3 +70,55 @@ def test_bn_act(benchmark, impl, c, hw, pool):
     g = torch.randn(fn(x).shape).bfloat16().contiguous(memory_format=torch.channels_last)
     run(benchmark, lambda: torch.autograd.grad(fn(x), [x, bn.weight, bn.bias], g), "cpu", rounds=30, warmup=3)
     benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean
+
+
+needs_bf16_dot = pytest.mark.skipif(not kernels.available() or not kernels.has_bf16_dot(),
+                                    reason="the stem and conv3x3 kernels run on AVX512-BF16 only")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("impl", ["kernel", "kernel-conv", "aten"])
+@pytest.mark.parametrize("cin,hw", [(3, 32), (1, 28)])
+def test_stem(benchmark, impl, cin, hw):
+    """The cnn's first stage (width 32) on the normalised bf16 views: conv 3x3 -> 32, training BatchNorm, max-pool,
+    ReLU, forward + backward to the conv weight and BN's weight and bias. "kernel": fastclr.kernels.stem;
+    "kernel-conv": ATen's conv and fastclr's bn_act (what ran before the stem); "aten": the layers under autocast."""
+    benchmark.group = f"stem-{cin}x{hw}-cpu"
+    describe(benchmark, {"kernel": "fastclr stem", "kernel-conv": "ATen conv + fastclr bn_act",
+                         "aten": "ATen"}[impl], baseline=impl == "aten")
+    conv, bn = torch.nn.Conv2d(cin, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32)
+    x = torch.randn(BATCH, cin, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last)
+    g = torch.randn(BATCH, 32, hw // 2, hw // 2).bfloat16().contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if impl == "kernel":
+                y = kernels.stem(x, conv, bn)
+            elif impl == "kernel-conv":
+                y = kernels.bn_act(conv(x), bn, kernels.BN_MAXPOOL_RELU)
+            else:
+                y = F.relu(F.max_pool2d(bn(conv(x)), 2))
+        return torch.autograd.grad(y, [conv.weight, bn.weight, bn.bias], g)
+
+    run(benchmark, step, "cpu", rounds=30, warmup=3)
+    benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("impl", ["kernel", "aten"])
+@pytest.mark.parametrize("ci,co,hw", [(32, 64, 16), (64, 128, 8), (64, 128, 7)])
+def test_conv3x3_wgrad(benchmark, impl, ci, co, hw):
+    """A 3x3 conv's weight gradient at the cnn's stages 2 and 3 (width 32; 7 px: MNIST's stage 3), bf16
+    channels_last: fastclr's kernel against ATen's convolution_backward asked for the weight's alone."""
+    benchmark.group = f"conv3x3_wgrad-{ci}to{co}x{hw}-cpu"
+    describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
+    x = torch.randn(BATCH, ci, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last)
+    g = torch.randn(BATCH, co, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci, 3, 3).bfloat16()
+    if impl == "kernel":
+        fn = lambda: torch.ops.fastclr.conv3x3_wgrad(g, x)                                      # noqa: E731
+    else:
+        fn = lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,  # noqa: E731
+                                                         [0, 0], 1, [False, True, False])
+    run(benchmark, fn, "cpu", rounds=30, warmup=3)
+    benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean

@@ -1001,7 +1001,7 @@ int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, in
  * and it is a third of the colour step's convolution time. Here it is one register-tiled loop of AVX512-BF16 dot
  * products, each summing two horizontally neighbouring pixels: per image, dy is rewritten as pairs dyi[h][w/2][co]
  * = (dy[h][w][co], dy[h][w + 1][co]) and the padded input as xi[h][w][ci] = (x[h][w][ci], x[h][w + 1][ci]) (both
- * a few tens of KB: L1/L2), then a tile of 4 x 16 output channels x 4 input channels at one (r, s) lives in 16
+ * a few tens of KB: L1/L2; the next image's inputs are prefetched meanwhile), then a tile of 4 x 16 output channels x 4 input channels at one (r, s) lives in 16
  * accumulators while it sweeps the image's pixel pairs: per pair 4 loads of dyi, 4 broadcasts of xi, 16 dot
  * products. Each thread sums its images into its own f32 dW; the threads' are added at the end.
  * Takes Ci % 4 == 0, Co % 16 == 0 (conv3x3_wgrad checks); in an odd row the last pixel pairs with a zero.
@@ -1019,13 +1019,26 @@ static inline void pair_rows(const uint16_t* s, long C, long n, uint32_t* o) {
     for (; e < n; e++) o[e] = s[e] | (uint32_t)s[e + C] << 16;
 }
 
-/* One image's pairs: xi (H + 2, W + 2, Ci) from x (H, W, Ci), zero-padded; dyi (H, W / 2, Co) from dy (H, W, Co) */
-static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci, int Co, uint16_t* xpad,
-                     uint32_t* xi, uint32_t* dyi) {
+/* One image's pairs: xi (H + 2, W + 2, Ci) = (xpad[h][w][c], xpad[h][w + 1][c]) for x (H, W, Ci) zero-padded
+ * (written straight from x: no padded copy), and dyi (H, (W + 1) / 2, Co) from dy (H, W, Co) */
+static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci, int Co, uint32_t* xi,
+                     uint32_t* dyi) {
     const long WP = W + 2, row = WP * Ci;
-    memset(xpad, 0, (size_t)(H + 2) * row * 2 + (size_t)Ci * 2);
-    for (int h = 0; h < H; h++) memcpy(xpad + (h + 1) * row + Ci, x + (long)h * W * Ci, (size_t)W * Ci * 2);
-    pair_rows(xpad, Ci, (H + 2) * row, xi);            /* the last pixel of each row pairs with a border zero */
+    memset(xi, 0, (size_t)row * 4);
+    memset(xi + (H + 1) * row, 0, (size_t)row * 4);
+    h16v zero = {0};
+    for (int h = 0; h < H; h++) {
+        const uint16_t* xr = x + (long)h * W * Ci;
+        uint32_t* o = xi + (h + 1) * row;
+        for (int wp = 0; wp < WP; wp++)                  /* xpad column wp is x column wp - 1 */
+            for (int c = 0; c < Ci; c += 16) {
+                h16v a = zero, b = zero;
+                if (wp >= 1 && wp <= W) memcpy(&a, xr + (long)(wp - 1) * Ci + c, 32);
+                if (wp + 1 <= W) memcpy(&b, xr + (long)wp * Ci + c, 32);
+                u16v v = __builtin_convertvector(a, u16v) | (__builtin_convertvector(b, u16v) << 16);
+                memcpy(o + (long)wp * Ci + c, &v, 64);
+            }
+    }
     const int W2 = (W + 1) / 2;
     for (int h = 0; h < H; h++) {
         for (int w2 = 0; w2 < W / 2; w2++)
@@ -1036,13 +1049,26 @@ static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci
 }
 
 /* acc (9, Ci, Co) f32 += this image's dW, tile by tile; CT: 16-channel output blocks per tile */
+/* the next image's x and dy, fetched into cache a slice per tile while this one computes: read only when its
+ * pairs are built, they stall on memory (that took ~15% of the kernel's time) */
+typedef struct { const char *x, *dy; long x_bytes, dy_bytes; } Prefetch;
+
+static inline void prefetch_slice(const char* p, long bytes, long slice, long slices) {
+    long per = (bytes + 64 * slices - 1) / (64 * slices);
+    for (long q = slice * per; q < (slice + 1) * per && 64 * q < bytes; q++) __builtin_prefetch(p + 64 * q);
+}
+
 ALWAYS_INLINE void wg_image(const uint32_t* xi, const uint32_t* dyi, int H, int W, int Ci, int Co, float* acc,
-                            const int CT) {
+                            const Prefetch* next, const int CT) {
     const long WP = W + 2, W2 = (W + 1) / 2;
+    const long tiles = 9L * (Ci / WG_KT) * (Co / (16 * CT));
+    long tile = 0;
     for (int rs = 0; rs < 9; rs++) {
         const int r = rs / 3, s = rs % 3;
         for (int c0 = 0; c0 < Ci; c0 += WG_KT)
-            for (int o0 = 0; o0 < Co; o0 += 16 * CT) {
+            for (int o0 = 0; o0 < Co; o0 += 16 * CT, tile++) {
+                prefetch_slice(next->x, next->x_bytes, tile, tiles);
+                prefetch_slice(next->dy, next->dy_bytes, tile, tiles);
                 v16 a[WG_KT][4];                        /* fixed sizes: a VLA would live in memory */
                 float* t = acc + ((long)rs * Ci + c0) * Co + o0;
                 for (int k = 0; k < WG_KT; k++)
@@ -1066,9 +1092,8 @@ ALWAYS_INLINE void wg_image(const uint32_t* xi, const uint32_t* dyi, int H, int 
 
 /* x (N, H, W, Ci), dy (N, H, W, Co) bf16 -> dw (Co, Ci, 3, 3) f32. scratch: T x conv3x3_wgrad_scratch(...) floats. */
 long conv3x3_wgrad_scratch(int H, int W, int Ci, int Co) {
-    long xpad = ((long)(H + 2) * (W + 2) * Ci + Ci + 1) / 2, xi = (long)(H + 2) * (W + 2) * Ci;
-    long dyi = (long)H * ((W + 1) / 2) * Co, acc = 9L * Ci * Co;
-    return ((xpad + xi + dyi + acc + 15) / 16) * 16;
+    long xi = (long)(H + 2) * (W + 2) * Ci, dyi = (long)H * ((W + 1) / 2) * Co, acc = 9L * Ci * Co;
+    return ((xi + dyi + acc + 15) / 16) * 16;
 }
 
 int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, int Ci, int Co, float* dw,
@@ -1082,13 +1107,15 @@ int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, in
         float* acc = base;
         uint32_t* xi = (uint32_t*)(acc + D);
         uint32_t* dyi = xi + (long)(H + 2) * (W + 2) * Ci;
-        uint16_t* xpad = (uint16_t*)(dyi + (long)H * ((W + 1) / 2) * Co);
         memset(acc, 0, D * 4);
-        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) {
-            wg_pairs(x + n * H * W * Ci, dy + n * H * W * Co, H, W, Ci, Co, xpad, xi, dyi);
-            if (CB % 4 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, 4);
-            else if (CB % 2 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, 2);
-            else wg_image(xi, dyi, H, W, Ci, Co, acc, 1);
+        long n1 = (long)N * (t + 1) / T;
+        for (long n = (long)N * t / T; n < n1; n++) {
+            wg_pairs(x + n * H * W * Ci, dy + n * H * W * Co, H, W, Ci, Co, xi, dyi);
+            const Prefetch next = {(const char*)(x + (n + 1) * H * W * Ci), (const char*)(dy + (n + 1) * H * W * Co),
+                                   n + 1 < n1 ? (long)H * W * Ci * 2 : 0, n + 1 < n1 ? (long)H * W * Co * 2 : 0};
+            if (CB % 4 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, &next, 4);
+            else if (CB % 2 == 0) wg_image(xi, dyi, H, W, Ci, Co, acc, &next, 2);
+            else wg_image(xi, dyi, H, W, Ci, Co, acc, &next, 1);
         }
     }
     #pragma omp parallel for schedule(static)
