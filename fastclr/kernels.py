@@ -103,7 +103,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_act_forward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, I]
     lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
     lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
-    lib.stem_forward.argtypes = [P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, I]
+    lib.stem_forward.argtypes = [P, P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, I]
     lib.stem_backward.argtypes = [P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
     lib.stem_forward.restype = lib.stem_backward.restype = lib.has_bf16_dot.restype = ctypes.c_int
     lib.has_bf16_dot.argtypes = []
@@ -477,15 +477,22 @@ STEM_MAX_IN, STEM_MAX_OUT, _STEM_SLACK = 4, 64, 16     # the C file's STEM_MAX_C
 
 
 @torch.library.custom_op("fastclr::stem", mutates_args=())
-def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor,
-          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x (N, Cin, H, W) bf16 -> out (N, H/2, W/2, Cout) bf16, idx and ymax as bn_act's BN_MAXPOOL_RELU outputs, the
-    batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and for the backward xp, x padded
-    (flat bf16), and y, the conv output (N, H, W, Cout) bf16. conv_weight (Cout, Cin, 3, 3) f32; weight, bias:
-    BN's (Cout,)."""
+def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor, eps: float, x_mean: Tensor | None,
+          x_std: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (N, Cin, H, W): bf16, normalised; or with x_mean and x_std (one value, or one per channel), the raw f32
+    images, normalised here as :func:`normalize` does -> out (N, H/2, W/2, Cout) bf16, idx and ymax as bn_act's
+    BN_MAXPOOL_RELU outputs, the batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and for
+    the backward xp, the normalised input padded (flat bf16), and y, the conv output (N, H, W, Cout) bf16.
+    conv_weight (Cout, Cin, 3, 3) f32; weight, bias: BN's (Cout,)."""
     n, cin, h, w = x.shape
     cout = conv_weight.shape[0]
-    xh, cw = _nhwc(x), conv_weight.float().contiguous()
+    if x_mean is None:
+        xh, m, sd = _nhwc(x), None, None
+    else:                                             # read as (N, C, H, W) f32 by the C side
+        xh = x.float().contiguous()
+        m = x_mean.float().reshape(-1).expand(cin).contiguous()
+        sd = x_std.float().reshape(-1).expand(cin).contiguous()
+    cw = conv_weight.float().contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
     t = _bn_threads(n * h // 2)                       # the statistics pass splits the pooled rows
     part = torch.empty(t, 2, cout, dtype=torch.float64)
@@ -493,21 +500,24 @@ def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor,
     out, idx = _pooled(n, cout, h // 2, w // 2, torch.bfloat16)
     ymax, y = torch.empty_like(out), torch.empty(n, h, w, cout, dtype=torch.bfloat16)
     mean, var = torch.empty(cout), torch.empty(cout)
-    if _lib().stem_forward(xh.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
-                           xp.data_ptr(), y.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(), mean.data_ptr(),
-                           var.data_ptr(), part.data_ptr(), t) != 0:
+    if _lib().stem_forward(xh.data_ptr(), None if m is None else m.data_ptr(), None if sd is None else sd.data_ptr(),
+                           n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
+                           xp.data_ptr(), y.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(),
+                           mean.data_ptr(), var.data_ptr(), part.data_ptr(), t) != 0:
         raise ValueError("stem called on an unsupported shape (see stem_supported)")
     return out, idx, ymax, mean, var, xp, y
 
 
 @_stem.register_fake
-def _(x, conv_weight, weight, bias, eps):
+def _(x, conv_weight, weight, bias, eps, x_mean, x_std):
     n, cin, h, w = x.shape
     cout = conv_weight.shape[0]
     shape = (n, h // 2, w // 2, cout)
-    return (x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty(shape),
+    return (x.new_empty(shape, dtype=torch.bfloat16), x.new_empty(shape, dtype=torch.uint8),
+            x.new_empty(shape, dtype=torch.bfloat16),
             x.new_empty(cout, dtype=torch.float32), x.new_empty(cout, dtype=torch.float32),
-            x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK), x.new_empty(n, h, w, cout))
+            x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16),
+            x.new_empty(n, h, w, cout, dtype=torch.bfloat16))
 
 
 @torch.library.custom_op("fastclr::stem_backward", mutates_args=())
@@ -539,7 +549,7 @@ def _(g, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, eps, h, w):
 
 
 def _stem_setup(ctx, inputs, output):
-    x, conv_weight, weight, bias, eps = inputs
+    x, conv_weight, weight, bias, eps, _, _ = inputs
     _, idx, ymax, mean, var, xp, y = output
     ctx.mark_non_differentiable(idx, ymax, mean, var, xp, y)
     # else every step allocates and zero-fills gradients for ymax, xp and y (the conv output: 3 ms a step at
@@ -551,10 +561,10 @@ def _stem_setup(ctx, inputs, output):
 
 def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp, g_y):
     if g_out is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None, None
     xp, y, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
     dcw, dweight, dbias = _stem_backward(g_out, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, *ctx.eps_hw)
-    return None, dcw, dweight, dbias, None
+    return None, dcw, dweight, dbias, None, None, None
 
 
 _stem.register_autograd(_stem_grad, setup_context=_stem_setup)
@@ -567,26 +577,31 @@ def has_bf16_dot() -> bool:
     return available() and bool(load().has_bf16_dot())
 
 
-def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
-    """The stem kernel takes a bf16 CPU (N, Cin, H, W) input needing no gradient (the normalised views under bf16
-    autocast), Cin <= 4, even H and W <= 64, through a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32
-    weights) to Cout % 16 == 0, Cout <= 64 channels, and a BatchNorm2d bn_act takes."""
+def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module, raw: bool = False) -> bool:
+    """The stem kernel takes a CPU (N, Cin, H, W) input needing no gradient, Cin <= 4, even H and W <= 64: bf16 (the
+    normalised views under bf16 autocast) or, ``raw``, the f32 views it normalises itself under bf16 autocast;
+    through a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32 weights) to Cout % 16 == 0, Cout <= 64 channels,
+    and a BatchNorm2d bn_act takes."""
+    dtype_ok = (x.dtype == torch.float32 and _cpu_autocast_dtype() == torch.bfloat16) if raw \
+        else x.dtype == torch.bfloat16
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
             and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and x.dtype == torch.bfloat16 and not x.requires_grad and x.dim() == 4
+            and dtype_ok and not x.requires_grad and x.dim() == 4
             and 1 <= x.shape[1] <= STEM_MAX_IN and x.shape[1] == conv.in_channels
             and conv.out_channels % 16 == 0 and conv.out_channels <= STEM_MAX_OUT
             and x.device.type == "cpu" and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[3] <= 64
             and x.shape[0] * x.shape[2] * x.shape[3] > 1 and _bn_module_ok(bn) and available())
 
 
-def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, mean: Tensor | None = None,
+         std: Tensor | None = None) -> Tensor:
     """``relu(max_pool2d(bn(conv(x)), 2))`` in training mode as one op each way, ``bn``'s running statistics
-    updated as ``nn.BatchNorm2d`` updates them. (N, Cin, H, W) bf16 -> (N, Cout, H/2, W/2) bf16 channels_last.
-    Check :func:`stem_supported` first."""
-    out, _, _, mean, var, _, _ = _stem(x, conv.weight, bn.weight, bn.bias, float(bn.eps))
-    _update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    updated as ``nn.BatchNorm2d`` updates them. With ``mean`` and ``std``, x is the raw f32 images and the op
+    starts with ``(x - mean) / std`` rounded to bf16 (what :func:`normalize` and autocast's cast would give).
+    (N, Cin, H, W) -> (N, Cout, H/2, W/2) bf16 channels_last. Check :func:`stem_supported` first."""
+    out, _, _, mean_, var, _, _ = _stem(x, conv.weight, bn.weight, bn.bias, float(bn.eps), mean, std)
+    _update_running_stats(bn, mean_, var, x.shape[0] * x.shape[2] * x.shape[3])
     return out.permute(0, 3, 1, 2)
 
 

@@ -153,9 +153,9 @@ class Encoder(nn.Module):
     def _forward_with_kernels(self, x: Tensor) -> Tensor:
         """``body`` run with fastclr.kernels where a layer pattern and its input allow, else layer by layer:
         Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included), else
-        the normalisation before a first conv is one (written as the conv's input dtype under autocast), and in
-        training under bf16 autocast that conv with its BatchNorm2d -> MaxPool2d(2) -> ReLU another
-        (kernels.stem); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by
+        in training under bf16 autocast the normalisation, a first conv and its BatchNorm2d -> MaxPool2d(2) ->
+        ReLU become one (kernels.stem), else the normalisation before a first conv is one (written as the conv's
+        input dtype under autocast); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by
         ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other 3x3 convs take their
         weight gradient from kernels.conv3x3 (training under bf16 autocast). The same function
         (tests/test_kernels.py, tests/test_model.py)."""
@@ -165,11 +165,11 @@ class Encoder(nn.Module):
                 and kernels.conv3x3_pool_relu_supported(x, layers[0]):
             x, i = kernels.conv3x3_pool_relu(x, layers[0], _scalar(self.hparams["mean"]),
                                              _scalar(self.hparams["std"])), 3
+        elif _bn_pattern(layers, 1)[0] == kernels.BN_MAXPOOL_RELU and kernels.has_bf16_dot() \
+                and kernels.stem_supported(x, layers[0], layers[1], raw=True):
+            x, i = kernels.stem(x, layers[0], layers[1], self.mean, self.std), 4
         elif isinstance(layers[0], nn.Conv2d) and kernels.normalize_supported(x):
             x = kernels.normalize(x, self.mean, self.std)
-            if _bn_pattern(layers, 1)[0] == kernels.BN_MAXPOOL_RELU and kernels.has_bf16_dot() \
-                    and kernels.stem_supported(x, layers[0], layers[1]):
-                x, i = kernels.stem(x, layers[0], layers[1]), 4
         else:
             x = (x - self.mean) / self.std
         while i < len(layers):

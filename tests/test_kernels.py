@@ -279,6 +279,30 @@ def test_stem_equals_aten(n, cin, h, w, cout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_stem_normalises_raw_views_as_normalize_does(per_channel):
+    """Given the raw f32 views and the statistics, the stem's output, gradients and BN statistics are exactly those
+    it gives on kernels.normalize's bf16 output (the same rounding, one pass fewer)."""
+    x = torch.rand(4, 3, 8, 10, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.3, 0.5, 0.7]).view(3, 1, 1) if per_channel else torch.tensor(0.45)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1) if per_channel else torch.tensor(0.22)
+    conv, bn = _stem_layers(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.stem_supported(x, conv, bn, raw=True)
+        xn = kernels.normalize(x, mean, std)
+    g = torch.randn(4, 16, 4, 5)
+    runs = []
+    for raw in (True, False):
+        c, b = copy.deepcopy(conv), copy.deepcopy(bn)
+        out = kernels.stem(x, c, b, mean, std) if raw else kernels.stem(xn, c, b)
+        (out.float() * g).sum().backward()
+        runs.append([out, c.weight.grad, b.weight.grad, b.bias.grad, b.running_mean, b.running_var])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not kernels.stem_supported(x, conv, bn, raw=True)          # outside bf16 autocast: ATen's conv
+
+
+@needs_kernels
 def test_stem_takes_only_what_it_fuses():
     conv, bn = _stem_layers(3, 32)
     x = torch.rand(2, 3, 8, 8).to(torch.bfloat16)
@@ -568,8 +592,10 @@ def _op_samples():
     sconv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
     sx = torch.rand(2, 3, 6, 8).to(torch.bfloat16)
     sout, sidx, symax, smean, svar, sxp, sy = torch.ops.fastclr.stem(sx, sconv.weight.detach(), bn.weight.detach(),
-                                                                 bn.bias.detach(), 1e-5)
-    bn_ops += [(torch.ops.fastclr.stem.default, (sx, sconv.weight, bn.weight, bn.bias, 1e-5)),
+                                                                     bn.bias.detach(), 1e-5, None, None)
+    bn_ops += [(torch.ops.fastclr.stem.default, (sx, sconv.weight, bn.weight, bn.bias, 1e-5, None, None)),
+               (torch.ops.fastclr.stem.default, (torch.rand(2, 3, 6, 8), sconv.weight, bn.weight, bn.bias, 1e-5,
+                                                 torch.tensor([0.4, 0.5, 0.6]), torch.tensor(0.25))),
                (torch.ops.fastclr.stem_backward.default,
                 (torch.randn_like(sout), sxp, sy, sidx, symax, sconv.weight.detach(), bn.weight.detach(), bn.bias.detach(),
                  smean, svar, 1e-5, 6, 8))]

@@ -889,8 +889,11 @@ static void stem_pack(const float* cw, int Cin, int Cout, uint32_t* wpk) {
             }
 }
 
-/* xp from x (N, H, W, Cin) bf16: the zero border, then STEM_SLACK zeros */
-static void stem_pad(const uint16_t* x, int N, int H, int W, int Cin, uint16_t* xp) {
+/* xp from the images, with the zero border, then STEM_SLACK zeros. mean == NULL: x is (N, H, W, Cin) bf16, already
+ * normalised; else x is the raw (N, Cin, H, W) f32 images and xp their (x - mean[c]) / std[c] rounded to bf16, as
+ * normalize_nhwc writes it (one pass instead of a channels-last copy, the normalisation, then this one). */
+static void stem_pad(const void* x, const float* mean, const float* std, int N, int H, int W, int Cin,
+                     uint16_t* xp) {
     const long WP = W + 2, row = WP * Cin;
     #pragma omp parallel for schedule(static)
     for (long t = 0; t < (long)N * (H + 2); t++) {
@@ -898,20 +901,25 @@ static void stem_pad(const uint16_t* x, int N, int H, int W, int Cin, uint16_t* 
         uint16_t* o = xp + t * row;
         if (h == 0 || h == H + 1) { memset(o, 0, row * 2); continue; }
         memset(o, 0, Cin * 2); memset(o + (W + 1) * Cin, 0, Cin * 2);
-        memcpy(o + Cin, x + ((n * H + h - 1) * W) * Cin, (long)W * Cin * 2);
+        if (mean == NULL) { memcpy(o + Cin, (const uint16_t*)x + ((n * H + h - 1) * W) * Cin, (long)W * Cin * 2); continue; }
+        for (int c = 0; c < Cin; c++) {
+            const float* xr = (const float*)x + ((n * Cin + c) * H + h - 1) * (long)W;
+            for (int w = 0; w < W; w++) o[(w + 1) * Cin + c] = f2bf((xr[w] - mean[c]) / std[c]);
+        }
     }
     memset(xp + (long)N * (H + 2) * row, 0, STEM_SLACK * 2);
 }
 
-/* x (N, H, W, Cin) bf16 -> y (N, H, W, Cout), the conv's output; out, idx, ymax (N, H / 2, W / 2, Cout) as
+/* x (N, H, W, Cin) bf16, or raw f32 images with xmean, xstd (see stem_pad) -> y (N, H, W, Cout), the conv's output; out, idx, ymax (N, H / 2, W / 2, Cout) as
  * bn_act's mode 1; the batch mean and biased variance (f32); and xp (the backward's input). part: (T, 2, Cout) double scratch. */
-int stem_forward(const uint16_t* x, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
+int stem_forward(const void* x, const float* xmean, const float* xstd, int N, int H, int W, int Cin, const float* cw,
+                 int Cout, const float* weight,
                  const float* bias, float eps, uint16_t* xp, uint16_t* y, uint16_t* out, uint8_t* idx,
                  uint16_t* ymax, float* mean, float* var, double* part, int T) {
     if (stem_unsupported(H, W, Cin, Cout)) return -1;
     uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
     stem_pack(cw, Cin, Cout, wpk);
-    stem_pad(x, N, H, W, Cin, xp);
+    stem_pad(x, xmean, xstd, N, H, W, Cin, xp);
     StemArgs a = {.xp = xp, .y = y, .H = H, .W = W, .Cout = Cout, .wpk = wpk};
     float K[STEM_MAX_COUT];                                     /* the shift: pixel 0's conv output */
     for (int cb = 0; cb < Cout / 16; cb++) {
