@@ -664,6 +664,19 @@ static void bn_act_bwd_dx(const void* y, int bf, int N, int H, int W, int C, con
     for (long r = 0; r < R; r++) { BN_CALL(bn_dx_row, &a, r) }
 }
 
+/* The batch mean and biased variance (f32) from T threads' partial sums about the shift K (double, per channel):
+ * sums at part[t * stride + c], sums of squares at part[t * stride + C + c], over P values. */
+static void bn_moments(const double* part, int T, long stride, int C, double P, const double* K, float* mean,
+                       float* var) {
+    for (int c = 0; c < C; c++) {
+        double sum = 0.0, sq = 0.0;
+        for (int t = 0; t < T; t++) { sum += part[t * stride + c]; sq += part[t * stride + C + c]; }
+        double shifted = sum / P, v = sq / P - shifted * shifted;
+        var[c] = (float)(v > 0.0 ? v : 0.0);
+        mean[c] = (float)(shifted + K[c]);
+    }
+}
+
 /* BN as z = y * scale + shift from the batch's f32 mean and variance (the forward and the backward both call this
  * on the same mean and var, so the backward's recomputed z, and the pool choices read from it, are the
  * forward's bit for bit); invstd = 1 / sqrt(var + eps). */
@@ -688,13 +701,7 @@ int bn_act_forward(const void* y, int bf, int N, int H, int W, int C, const floa
     bn_stats(y, bf, P, C, part, T);
     double inv[MAX_BN_C];
     float scale[MAX_BN_C], shift[MAX_BN_C];
-    for (int c = 0; c < C; c++) {
-        double sum = 0.0, sq = 0.0;
-        for (int t = 0; t < T; t++) { sum += part[(long)t * 3 * C + c]; sq += part[(long)t * 3 * C + C + c]; }
-        double shifted = sum / P, v = sq / P - shifted * shifted;
-        var[c] = (float)(v > 0.0 ? v : 0.0);
-        mean[c] = (float)(shifted + part[2 * C + c]);              /* K: thread 0's row holds it */
-    }
+    bn_moments(part, T, 3L * C, C, (double)P, part + 2 * C, mean, var);   /* K: thread 0's row holds it */
     bn_affine(weight, bias, mean, var, eps, C, inv, scale, shift);
     bn_act_fwd(y, bf, N, H, W, C, scale, shift, mode, out, idx, ymax);
     return 0;
@@ -934,15 +941,10 @@ int stem_forward(const void* x, const float* xmean, const float* xstd, int N, in
         for (int c = 0; c < Cout; c++) s[c] = q[c] = 0.0;
         for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_conv_row, &a, r, K, s, q) }
     }
-    double P = (double)N * H * W, inv[STEM_MAX_COUT];
+    double inv[STEM_MAX_COUT], Kd[STEM_MAX_COUT];
     float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT];
-    for (int c = 0; c < Cout; c++) {
-        double sum = 0.0, sq = 0.0;
-        for (int t = 0; t < T; t++) { sum += part[(long)t * 2 * Cout + c]; sq += part[(long)t * 2 * Cout + Cout + c]; }
-        double shifted = sum / P, v = sq / P - shifted * shifted;
-        var[c] = (float)(v > 0.0 ? v : 0.0);
-        mean[c] = (float)(shifted + K[c]);
-    }
+    for (int c = 0; c < Cout; c++) Kd[c] = K[c];
+    bn_moments(part, T, 2L * Cout, Cout, (double)N * H * W, Kd, mean, var);
     bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
     bn_act_fwd(y, 1, N, H, W, Cout, scale, shift, 1, out, idx, ymax);
     return 0;
