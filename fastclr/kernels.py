@@ -104,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
     lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
     lib.stem_forward.argtypes = [P, P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, I]
-    lib.stem_backward.argtypes = [P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
+    lib.stem_backward.argtypes = [P, P, I, I, I, I, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
     lib.stem_forward.restype = lib.stem_backward.restype = lib.has_bf16_dot.restype = ctypes.c_int
     lib.has_bf16_dot.argtypes = []
     lib.conv3x3_wgrad.argtypes = [P, P, I, I, I, I, I, P, P, I]
@@ -351,7 +351,7 @@ def _bn_out_shape(y: Tensor, mode: int) -> tuple[int, int, int, int]:
     return n, h // s, w // s, c
 
 
-def _bn_threads(chunks: int) -> int:
+def _partial_threads(chunks: int) -> int:
     """How many per-thread partial sums the C side makes: one per thread, and no more than the ``chunks`` its loop
     splits the work into."""
     return max(1, min(torch.get_num_threads(), chunks))
@@ -366,7 +366,7 @@ def _bn_act(y: Tensor, weight: Tensor, bias: Tensor, eps: float,
     n, c, h, w = y.shape
     yh = _nhwc(y)                                    # held: a temporary's pointer would dangle in the call
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
-    t = _bn_threads(n * h * w // 16)                  # the statistics pass splits the pixels
+    t = _partial_threads(n * h * w // 16)             # the statistics pass splits the pixels
     part = torch.empty(t, 3, c, dtype=torch.float64)  # per thread: sums of y - K, of (y - K)^2, and K
     pooled = _bn_out_shape(y, mode) if mode == BN_MAXPOOL_RELU else (0,)
     out = torch.empty(_bn_out_shape(y, mode), dtype=y.dtype)
@@ -400,7 +400,7 @@ def _bn_act_backward(g: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, weight: Te
     yh, gh, idx, ymax = _nhwc(y), g.to(y.dtype).contiguous(), idx.contiguous(), ymax.contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
     mean, var = mean.float().contiguous(), var.float().contiguous()
-    t = _bn_threads(gh.shape[0] * gh.shape[1])         # the sums pass splits the output rows
+    t = _partial_threads(gh.shape[0] * gh.shape[1])    # the sums pass splits the output rows
     part = torch.empty(t, 2, c, dtype=torch.float64)
     dy = torch.empty(n, h, w, c, dtype=y.dtype)
     dweight, dbias = torch.empty(c), torch.empty(c)
@@ -441,8 +441,8 @@ def bn_act_supported(x: Tensor, bn: nn.Module, mode: int) -> bool:
     """The fused BN kernel takes a training-mode ``BatchNorm2d`` (affine, running statistics, a momentum) on a CPU
     (N, C, H, W) f32/bf16 input with C % 16 == 0, C <= 512, more than one value per channel, and even H and W
     where it pools. In eval mode BN uses its running statistics: the encoder's ATen layers run then."""
-    return (_bn_module_ok(bn) and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES and x.shape[1] % 16 == 0
-            and x.shape[1] <= 512 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+    return (_bn_module_ok(bn) and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
+            and x.shape[1] % 16 == 0 and x.shape[1] <= 512 and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and (mode == BN_RELU or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)) and available())
 
 
@@ -494,7 +494,7 @@ def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor, eps: flo
         sd = x_std.float().reshape(-1).expand(cin).contiguous()
     cw = conv_weight.float().contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
-    t = _bn_threads(n * h // 2)                       # the statistics pass splits the pooled rows
+    t = _partial_threads(n * h // 2)                  # the statistics pass splits the pooled rows
     part = torch.empty(t, 2, cout, dtype=torch.float64)
     xp = torch.empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16)
     out, idx = _pooled(n, cout, h // 2, w // 2, torch.bfloat16)
@@ -522,20 +522,20 @@ def _(x, conv_weight, weight, bias, eps, x_mean, x_std):
 
 @torch.library.custom_op("fastclr::stem_backward", mutates_args=())
 def _stem_backward(g: Tensor, xp: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor, weight: Tensor,
-                   bias: Tensor, mean: Tensor, var: Tensor, eps: float, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
-    """g (N, H/2, W/2, Cout) and the forward's saved tensors -> the gradients of conv_weight, weight and bias
-    (the input's is never needed: it is the normalised views). BN's backward as bn_act_backward's; the conv's
-    weight gradient the sum over pixels of dy x patch, with dy never written."""
-    n, cout, cin = g.shape[0], conv_weight.shape[0], conv_weight.shape[1]
+                   bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """g (N, H/2, W/2, Cout) and the forward's saved tensors (y: the conv output, (N, H, W, Cout)) -> the gradients
+    of conv_weight, weight and bias (the input's is never needed: it is the normalised views). BN's backward as
+    bn_act_backward's; the conv's weight gradient the sum over pixels of dy x patch, with dy never written."""
+    n, h, w, cout = y.shape
+    cin = conv_weight.shape[1]
     gh = g.to(torch.bfloat16).contiguous()
-    cw = conv_weight.float().contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
     mean, var = mean.float().contiguous(), var.float().contiguous()
-    t = _bn_threads(n * h // 2)                       # both passes split the pooled rows
+    t = _partial_threads(n * h // 2)                  # both passes split the pooled rows
     part = torch.empty(t, 9 * cin, cout, dtype=torch.float64)
     xi = torch.empty(n * (h + 2) * (w + 2) * cin, dtype=torch.int32)
     dcw, dweight, dbias = torch.empty(cout, cin, 3, 3), torch.empty(cout), torch.empty(cout)
-    if _lib().stem_backward(xp.data_ptr(), y.data_ptr(), n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
+    if _lib().stem_backward(xp.data_ptr(), y.data_ptr(), n, h, w, cin, cout, wt.data_ptr(), bs.data_ptr(), eps,
                             idx.contiguous().data_ptr(), ymax.contiguous().data_ptr(), gh.data_ptr(),
                             mean.data_ptr(), var.data_ptr(), xi.data_ptr(), dcw.data_ptr(), dweight.data_ptr(),
                             dbias.data_ptr(), part.data_ptr(), t) != 0:
@@ -544,26 +544,26 @@ def _stem_backward(g: Tensor, xp: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, 
 
 
 @_stem_backward.register_fake
-def _(g, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, eps, h, w):
+def _(g, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, eps):
     return torch.empty_like(conv_weight), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _stem_setup(ctx, inputs, output):
-    x, conv_weight, weight, bias, eps, _, _ = inputs
+    _, conv_weight, weight, bias, eps, _, _ = inputs
     _, idx, ymax, mean, var, xp, y = output
     ctx.mark_non_differentiable(idx, ymax, mean, var, xp, y)
     # else every step allocates and zero-fills gradients for ymax, xp and y (the conv output: 3 ms a step at
     # 256 views of 3 x 32 x 32)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(xp, y, idx, ymax, conv_weight, weight, bias, mean, var)
-    ctx.eps_hw = (eps, x.shape[2], x.shape[3])
+    ctx.eps = eps
 
 
 def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp, g_y):
     if g_out is None:
         return None, None, None, None, None, None, None
     xp, y, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
-    dcw, dweight, dbias = _stem_backward(g_out, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, *ctx.eps_hw)
+    dcw, dweight, dbias = _stem_backward(g_out, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, ctx.eps)
     return None, dcw, dweight, dbias, None, None, None
 
 
@@ -577,6 +577,13 @@ def has_bf16_dot() -> bool:
     return available() and bool(load().has_bf16_dot())
 
 
+def _is_conv3x3_same(conv: nn.Module) -> bool:
+    """A plain 3x3 ``Conv2d``: stride 1, zero padding 1, no bias, no groups or dilation, f32 weights."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32)
+
+
 def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module, raw: bool = False) -> bool:
     """The stem kernel takes a CPU (N, Cin, H, W) input needing no gradient, Cin <= 4, even H and W <= 64: bf16 (the
     normalised views under bf16 autocast) or, ``raw``, the f32 views it normalises itself under bf16 autocast;
@@ -584,10 +591,7 @@ def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module, raw: bool = False)
     and a BatchNorm2d bn_act takes."""
     dtype_ok = (x.dtype == torch.float32 and _cpu_autocast_dtype() == torch.bfloat16) if raw \
         else x.dtype == torch.bfloat16
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
-            and dtype_ok and not x.requires_grad and x.dim() == 4
+    return (_is_conv3x3_same(conv) and dtype_ok and not x.requires_grad and x.dim() == 4
             and 1 <= x.shape[1] <= STEM_MAX_IN and x.shape[1] == conv.in_channels
             and conv.out_channels % 16 == 0 and conv.out_channels <= STEM_MAX_OUT
             and x.device.type == "cpu" and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[3] <= 64
@@ -615,7 +619,7 @@ def _conv3x3_wgrad(g: Tensor, x: Tensor) -> Tensor:
     n, ci, h, w = x.shape
     co = g.shape[1]
     xh, gh = _nhwc(x), _nhwc(g.to(x.dtype))
-    t = max(1, min(torch.get_num_threads(), n))       # the loop splits the images
+    t = _partial_threads(n)                           # the loop splits the images
     lib = _lib()
     scratch = torch.empty(t * lib.conv3x3_wgrad_scratch(h, w, ci, co))
     dw = torch.empty(co, ci, 3, 3)
@@ -664,10 +668,8 @@ def conv3x3_supported(x: Tensor, conv: nn.Module) -> bool:
     """The weight-gradient kernel takes a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32 weights needing a
     gradient) on a bf16 CPU (N, Ci, H, W) input, Ci % 4 == 0, Co % 16 == 0, W <= 256, while gradients
     are recorded: training under bf16 autocast."""
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32 and conv.weight.requires_grad
-            and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+    return (_is_conv3x3_same(conv) and conv.weight.requires_grad and torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
             and x.shape[1] == conv.in_channels and x.shape[1] % 4 == 0 and conv.out_channels % 16 == 0
             and x.shape[3] <= 256 and x.shape[0] > 0 and available())
 

@@ -155,9 +155,9 @@ class Encoder(nn.Module):
         Conv2d(1, C, 3) -> MaxPool2d(2) -> ReLU at the start becomes one kernel (normalisation included), else
         in training under bf16 autocast the normalisation, a first conv and its BatchNorm2d -> MaxPool2d(2) ->
         ReLU become one (kernels.stem), else the normalisation before a first conv is one (written as the conv's
-        input dtype under autocast); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU -> AvgPool2d(2) or by
-        ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other 3x3 convs take their
-        weight gradient from kernels.conv3x3 (training under bf16 autocast). The same function
+        input dtype under autocast); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU ->
+        AvgPool2d(2) or by ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other
+        3x3 convs take their weight gradient from kernels.conv3x3 (training under bf16 autocast). The same function
         (tests/test_kernels.py, tests/test_model.py)."""
         layers = list(self.body)
         i = 0

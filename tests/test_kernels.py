@@ -598,7 +598,7 @@ def _op_samples():
                                                  torch.tensor([0.4, 0.5, 0.6]), torch.tensor(0.25))),
                (torch.ops.fastclr.stem_backward.default,
                 (torch.randn_like(sout), sxp, sy, sidx, symax, sconv.weight.detach(), bn.weight.detach(), bn.bias.detach(),
-                 smean, svar, 1e-5, 6, 8))]
+                 smean, svar, 1e-5))]
     wx = torch.randn(2, 8, 6, 8).to(torch.bfloat16)
     bn_ops += [(torch.ops.fastclr.conv3x3.default, (wx, torch.randn(16, 8, 3, 3))),
                (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8).to(torch.bfloat16), wx))]

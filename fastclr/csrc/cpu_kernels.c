@@ -707,6 +707,21 @@ int bn_act_forward(const void* y, int bf, int N, int H, int W, int C, const floa
     return 0;
 }
 
+/* From the threads' two partial sums, part (T, 2, C) over P values: dweight = sum gz xhat, dbias = sum gz (f32),
+ * and dy's per-channel terms b, c (dy = scale * gz + b * (y - mean) + c) */
+static void bn_grad_terms(const double* part, int T, int C, double P, const double* inv, const float* scale,
+                          float* dweight, float* dbias, float* b, float* c) {
+    for (int q = 0; q < C; q++) {
+        double s1 = 0.0, sy = 0.0;
+        for (int t = 0; t < T; t++) { s1 += part[(long)t * 2 * C + q]; sy += part[(long)t * 2 * C + C + q]; }
+        double dw = inv[q] * sy;                                   /* sum gz xhat */
+        dweight[q] = (float)dw;
+        dbias[q] = (float)s1;
+        b[q] = (float)(-(double)scale[q] * inv[q] * dw / P);
+        c[q] = (float)(-(double)scale[q] * s1 / P);
+    }
+}
+
 /* The backward, whole: the two sums, then dweight = sum gz xhat, dbias = sum gz (f32 out), and dy. part is
  * (T, 2, C) double scratch. */
 int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const float* weight, const float* bias,
@@ -717,16 +732,7 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
     float scale[MAX_BN_C], shift[MAX_BN_C], b[MAX_BN_C], cc[MAX_BN_C];
     bn_affine(weight, bias, mean, var, eps, C, inv, scale, shift);
     bn_act_bwd_sums(y, bf, N, H, W, C, scale, shift, mean, mode, idx, ymax, g, part, T);
-    double P = (double)N * H * W;
-    for (int c = 0; c < C; c++) {
-        double s1 = 0.0, sy = 0.0;
-        for (int t = 0; t < T; t++) { s1 += part[(long)t * 2 * C + c]; sy += part[(long)t * 2 * C + C + c]; }
-        double dw = inv[c] * sy;                                   /* sum gz xhat */
-        dweight[c] = (float)dw;
-        dbias[c] = (float)s1;
-        b[c] = (float)(-(double)scale[c] * inv[c] * dw / P);
-        cc[c] = (float)(-(double)scale[c] * s1 / P);
-    }
+    bn_grad_terms(part, T, C, (double)N * H * W, inv, scale, dweight, dbias, b, cc);
     bn_act_bwd_dx(y, bf, N, H, W, C, scale, shift, mean, mode, idx, g, b, cc, dy);
     return 0;
 }
@@ -759,16 +765,27 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
 #define STEM_SLACK 16
 #define STEM_NP(cin) ((3 * (cin) + 1) / 2)
 
-typedef struct {
+typedef struct {            /* the forward's conv reads xp and wpk; the backward's rows the rest */
     const uint16_t* xp; const uint32_t* xi; uint16_t* y; int H, W, Cout; const uint32_t* wpk;
-    const float *scale, *shift, *mean, *b, *c;
-    uint16_t* out; uint8_t* idx; uint16_t* ymax; const uint16_t* g;
+    const float *scale, *mean, *b, *c;
+    uint8_t* idx; const uint16_t* g;
 } StemArgs;
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) { uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
 static inline u16v ld_u32(const uint32_t* p) { u16v v; memcpy(&v, p, 64); return v; }
 static inline u16v bits(v16 f) { u16v u; memcpy(&u, &f, 64); return u; }
+
+/* pairs of neighbouring elements a C-strided row apart: o[e] = (s[e], s[e + C]) for e < n, as 16 at a time */
+static inline void pair_rows(const uint16_t* s, long C, long n, uint32_t* o) {
+    long e = 0;
+    for (; e + 16 <= n; e += 16) {
+        h16v a, b; memcpy(&a, s + e, 32); memcpy(&b, s + e + C, 32);
+        u16v v = __builtin_convertvector(a, u16v) | (__builtin_convertvector(b, u16v) << 16);
+        memcpy(o + e, &v, 64);
+    }
+    for (; e < n; e++) o[e] = s[e] | (uint32_t)s[e + C] << 16;
+}
 
 /* acc + w.lo * x[0] + w.hi * x[1] per lane: w 16 pairs of bf16, x one pair broadcast to every lane */
 ALWAYS_INLINE v16 dp2(v16 acc, u16v w, const uint16_t* x) {
@@ -917,12 +934,12 @@ static void stem_pad(const void* x, const float* mean, const float* std, int N, 
     memset(xp + (long)N * (H + 2) * row, 0, STEM_SLACK * 2);
 }
 
-/* x (N, H, W, Cin) bf16, or raw f32 images with xmean, xstd (see stem_pad) -> y (N, H, W, Cout), the conv's output; out, idx, ymax (N, H / 2, W / 2, Cout) as
- * bn_act's mode 1; the batch mean and biased variance (f32); and xp (the backward's input). part: (T, 2, Cout) double scratch. */
+/* x (N, H, W, Cin) bf16, or raw f32 images with xmean, xstd (see stem_pad) -> y (N, H, W, Cout), the conv's
+ * output; out, idx, ymax (N, H / 2, W / 2, Cout) as bn_act's mode 1; the batch mean and biased variance (f32); and
+ * xp (the backward's input). part: (T, 2, Cout) double scratch. */
 int stem_forward(const void* x, const float* xmean, const float* xstd, int N, int H, int W, int Cin, const float* cw,
-                 int Cout, const float* weight,
-                 const float* bias, float eps, uint16_t* xp, uint16_t* y, uint16_t* out, uint8_t* idx,
-                 uint16_t* ymax, float* mean, float* var, double* part, int T) {
+                 int Cout, const float* weight, const float* bias, float eps, uint16_t* xp, uint16_t* y,
+                 uint16_t* out, uint8_t* idx, uint16_t* ymax, float* mean, float* var, double* part, int T) {
     if (stem_unsupported(H, W, Cin, Cout)) return -1;
     uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
     stem_pack(cw, Cin, Cout, wpk);
@@ -952,36 +969,25 @@ int stem_forward(const void* x, const float* xmean, const float* xstd, int N, in
 
 /* The backward: g (N, H / 2, W / 2, Cout) bf16 and the forward's outputs -> dcw (Cout, Cin, 3, 3), dweight, dbias
  * (f32). xi: (N, H + 2, W + 2, Cin) uint32 scratch; part: (T, max(2, 9 Cin), Cout) double scratch. */
-int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, int Cin, const float* cw, int Cout, const float* weight,
-                  const float* bias, float eps, const uint8_t* idx, const uint16_t* ymax, const uint16_t* g,
-                  const float* mean, const float* var, uint32_t* xi, float* dcw, float* dweight, float* dbias,
-                  double* part, int T) {
+int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, int Cin, int Cout,
+                  const float* weight, const float* bias, float eps, const uint8_t* idx, const uint16_t* ymax,
+                  const uint16_t* g, const float* mean, const float* var, uint32_t* xi, float* dcw, float* dweight,
+                  float* dbias, double* part, int T) {
     if (stem_unsupported(H, W, Cin, Cout)) return -1;
-    uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
-    stem_pack(cw, Cin, Cout, wpk);
     double inv[STEM_MAX_COUT];
     float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT], b[STEM_MAX_COUT], cc[STEM_MAX_COUT];
     bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
     bn_act_bwd_sums(NULL, 1, N, H, W, Cout, scale, shift, mean, 1, idx, ymax, g, part, T);
-    double P = (double)N * H * W;
-    for (int c = 0; c < Cout; c++) {
-        double s1 = 0.0, sy = 0.0;
-        for (int t = 0; t < T; t++) { s1 += part[(long)t * 2 * Cout + c]; sy += part[(long)t * 2 * Cout + Cout + c]; }
-        double dw = inv[c] * sy;
-        dweight[c] = (float)dw;
-        dbias[c] = (float)s1;
-        b[c] = (float)(-(double)scale[c] * inv[c] * dw / P);
-        cc[c] = (float)(-(double)scale[c] * s1 / P);
-    }
+    bn_grad_terms(part, T, Cout, (double)N * H * W, inv, scale, dweight, dbias, b, cc);
     const long WP = W + 2, rows = (long)N * (H + 2);
     #pragma omp parallel for schedule(static)
     for (long t = 0; t < rows; t++) {
-        const uint16_t* s = xp + t * WP * Cin; uint32_t* o = xi + t * WP * Cin;
-        for (long e = 0; e < (WP - 1) * Cin; e++) o[e] = s[e] | (uint32_t)s[e + Cin] << 16;
-        for (long e = (WP - 1) * Cin; e < WP * Cin; e++) o[e] = 0;
+        uint32_t* o = xi + t * WP * Cin;
+        pair_rows(xp + t * WP * Cin, Cin, (WP - 1) * Cin, o);
+        memset(o + (WP - 1) * Cin, 0, (size_t)Cin * 4);
     }
-    StemArgs a = {.xp = xp, .xi = xi, .y = (uint16_t*)y, .H = H, .W = W, .Cout = Cout, .wpk = wpk, .scale = scale, .shift = shift,
-                  .mean = mean, .b = b, .c = cc, .idx = (uint8_t*)idx, .g = g};
+    StemArgs a = {.xi = xi, .y = (uint16_t*)y, .H = H, .W = W, .Cout = Cout, .scale = scale, .mean = mean, .b = b,
+                  .c = cc, .idx = (uint8_t*)idx, .g = g};
     const int D = 9 * Cin * Cout;
     long R = (long)N * (H / 2);
     #pragma omp parallel for schedule(static)
@@ -1011,23 +1017,12 @@ int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, in
  * and it is a third of the colour step's convolution time. Here it is one register-tiled loop of AVX512-BF16 dot
  * products, each summing two horizontally neighbouring pixels: per image, dy is rewritten as pairs dyi[h][w/2][co]
  * = (dy[h][w][co], dy[h][w + 1][co]) and the padded input as xi[h][w][ci] = (x[h][w][ci], x[h][w + 1][ci]) (both
- * a few tens of KB: L1/L2; the next image's inputs are prefetched meanwhile), then a tile of 4 x 16 output channels x 4 input channels at one (r, s) lives in 16
- * accumulators while it sweeps the image's pixel pairs: per pair 4 loads of dyi, 4 broadcasts of xi, 16 dot
+ * a few tens of KB: L1/L2; the next image's inputs are prefetched meanwhile), then a tile of 4 x 16 output
+ * channels x 4 input channels at one (r, s) lives in 16 accumulators while it sweeps the image's pixel pairs: per pair 4 loads of dyi, 4 broadcasts of xi, 16 dot
  * products. Each thread sums its images into its own f32 dW; the threads' are added at the end.
  * Takes Ci % 4 == 0, Co % 16 == 0 (conv3x3_wgrad checks); in an odd row the last pixel pairs with a zero.
  * ------------------------------------------------------------------------------------------------------------ */
 #define WG_KT 4                                           /* input channels per tile */
-
-/* pairs of neighbouring elements a C-strided row apart: o[e] = (s[e], s[e + C]) for e < n, as 16 at a time */
-static inline void pair_rows(const uint16_t* s, long C, long n, uint32_t* o) {
-    long e = 0;
-    for (; e + 16 <= n; e += 16) {
-        h16v a, b; memcpy(&a, s + e, 32); memcpy(&b, s + e + C, 32);
-        u16v v = __builtin_convertvector(a, u16v) | (__builtin_convertvector(b, u16v) << 16);
-        memcpy(o + e, &v, 64);
-    }
-    for (; e < n; e++) o[e] = s[e] | (uint32_t)s[e + C] << 16;
-}
 
 /* One image's pairs: xi (H + 2, W + 2, Ci) = (xpad[h][w][c], xpad[h][w + 1][c]) for x (H, W, Ci) zero-padded
  * (written straight from x: no padded copy), and dyi (H, (W + 1) / 2, Co) from dy (H, W, Co) */
@@ -1040,14 +1035,20 @@ static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci
     for (int h = 0; h < H; h++) {
         const uint16_t* xr = x + (long)h * W * Ci;
         uint32_t* o = xi + (h + 1) * row;
-        for (int wp = 0; wp < WP; wp++)                  /* xpad column wp is x column wp - 1 */
-            for (int c = 0; c < Ci; c += 16) {
+        for (int wp = 0; wp < WP; wp++) {                /* xpad column wp is x column wp - 1 */
+            const uint16_t* left = wp >= 1 && wp <= W ? xr + (long)(wp - 1) * Ci : NULL;
+            const uint16_t* right = wp + 1 <= W ? xr + (long)wp * Ci : NULL;
+            int c = 0;
+            for (; c + 16 <= Ci; c += 16) {
                 h16v a = zero, b = zero;
-                if (wp >= 1 && wp <= W) memcpy(&a, xr + (long)(wp - 1) * Ci + c, 32);
-                if (wp + 1 <= W) memcpy(&b, xr + (long)wp * Ci + c, 32);
+                if (left) memcpy(&a, left + c, 32);
+                if (right) memcpy(&b, right + c, 32);
                 u16v v = __builtin_convertvector(a, u16v) | (__builtin_convertvector(b, u16v) << 16);
                 memcpy(o + (long)wp * Ci + c, &v, 64);
             }
+            for (; c < Ci; c++)
+                o[(long)wp * Ci + c] = (left ? left[c] : 0u) | (uint32_t)(right ? right[c] : 0u) << 16;
+        }
     }
     const int W2 = (W + 1) / 2;
     for (int h = 0; h < H; h++) {
@@ -1058,7 +1059,6 @@ static void wg_pairs(const uint16_t* x, const uint16_t* dy, int H, int W, int Ci
     }
 }
 
-/* acc (9, Ci, Co) f32 += this image's dW, tile by tile; CT: 16-channel output blocks per tile */
 /* the next image's x and dy, fetched into cache a slice per tile while this one computes: read only when its
  * pairs are built, they stall on memory (that took ~15% of the kernel's time) */
 typedef struct { const char *x, *dy; long x_bytes, dy_bytes; } Prefetch;
@@ -1068,6 +1068,7 @@ static inline void prefetch_slice(const char* p, long bytes, long slice, long sl
     for (long q = slice * per; q < (slice + 1) * per && 64 * q < bytes; q++) __builtin_prefetch(p + 64 * q);
 }
 
+/* acc (9, Ci, Co) f32 += this image's dW, tile by tile; CT: 16-channel output blocks per tile */
 ALWAYS_INLINE void wg_image(const uint32_t* xi, const uint32_t* dyi, int H, int W, int Ci, int Co, float* acc,
                             const Prefetch* next, const int CT) {
     const long WP = W + 2, W2 = (W + 1) / 2;
@@ -1113,8 +1114,7 @@ int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, in
     const int CB = Co / 16;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        float* base = scratch + t * per;
-        float* acc = base;
+        float* acc = scratch + t * per;
         uint32_t* xi = (uint32_t*)(acc + D);
         uint32_t* dyi = xi + (long)(H + 2) * (W + 2) * Ci;
         memset(acc, 0, D * 4);
