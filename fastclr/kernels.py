@@ -104,7 +104,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bn_act_backward.argtypes = [P, I, I, I, I, I, P, P, F, I, P, P, P, P, P, P, P, P, P, I]
     lib.bn_act_forward.restype = lib.bn_act_backward.restype = ctypes.c_int
     lib.stem_forward.argtypes = [P, P, P, I, I, I, I, P, I, P, P, F, P, P, P, P, P, P, P, P, I]
-    lib.stem_backward.argtypes = [P, P, I, I, I, I, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
+    lib.stem_backward.argtypes = [P, P, P, I, I, I, I, I, P, P, F, P, P, P, P, P, P, P, P, P, P, I]
+    lib.stem_gram_scratch.argtypes = [I, I]
+    lib.stem_gram_scratch.restype = ctypes.c_long
     lib.stem_forward.restype = lib.stem_backward.restype = lib.has_bf16_dot.restype = ctypes.c_int
     lib.has_bf16_dot.argtypes = []
     lib.conv3x3_wgrad.argtypes = [P, P, I, I, I, I, I, P, P, I]
@@ -482,8 +484,8 @@ def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor, eps: flo
     """x (N, Cin, H, W): bf16, normalised; or with x_mean and x_std (one value, or one per channel), the raw f32
     images, normalised here as :func:`normalize` does -> out (N, H/2, W/2, Cout) bf16, idx and ymax as bn_act's
     BN_MAXPOOL_RELU outputs, the batch mean (Cout,) and biased variance (Cout,) of the conv output (f32), and for
-    the backward xp, the normalised input padded (flat bf16), and y, the conv output (N, H, W, Cout) bf16.
-    conv_weight (Cout, Cin, 3, 3) f32; weight, bias: BN's (Cout,)."""
+    the backward xp, the normalised input padded (flat bf16), and gram, the second moments and the sum of its 3x3
+    patches ((Q + 1) * Q float64, Q = 9 Cin). conv_weight (Cout, Cin, 3, 3) f32; weight, bias: BN's (Cout,)."""
     n, cin, h, w = x.shape
     cout = conv_weight.shape[0]
     if x_mean is None:
@@ -494,18 +496,19 @@ def _stem(x: Tensor, conv_weight: Tensor, weight: Tensor, bias: Tensor, eps: flo
         sd = x_std.float().reshape(-1).expand(cin).contiguous()
     cw = conv_weight.float().contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
-    t = _partial_threads(n * h // 2)                  # the statistics pass splits the pooled rows
-    part = torch.empty(t, 2, cout, dtype=torch.float64)
+    t = _partial_threads(n)                           # the patches' moments split the images
+    part = torch.empty(t, _lib().stem_gram_scratch(w, cin), dtype=torch.float64)
     xp = torch.empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16)
+    gram = torch.empty((9 * cin + 1) * 9 * cin, dtype=torch.float64)
     out, idx = _pooled(n, cout, h // 2, w // 2, torch.bfloat16)
-    ymax, y = torch.empty_like(out), torch.empty(n, h, w, cout, dtype=torch.bfloat16)
+    ymax = torch.empty_like(out)
     mean, var = torch.empty(cout), torch.empty(cout)
     if _lib().stem_forward(xh.data_ptr(), None if m is None else m.data_ptr(), None if sd is None else sd.data_ptr(),
                            n, h, w, cin, cw.data_ptr(), cout, wt.data_ptr(), bs.data_ptr(), eps,
-                           xp.data_ptr(), y.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(),
+                           xp.data_ptr(), gram.data_ptr(), out.data_ptr(), idx.data_ptr(), ymax.data_ptr(),
                            mean.data_ptr(), var.data_ptr(), part.data_ptr(), t) != 0:
         raise ValueError("stem called on an unsupported shape (see stem_supported)")
-    return out, idx, ymax, mean, var, xp, y
+    return out, idx, ymax, mean, var, xp, gram
 
 
 @_stem.register_fake
@@ -517,53 +520,54 @@ def _(x, conv_weight, weight, bias, eps, x_mean, x_std):
             x.new_empty(shape, dtype=torch.bfloat16),
             x.new_empty(cout, dtype=torch.float32), x.new_empty(cout, dtype=torch.float32),
             x.new_empty(n * (h + 2) * (w + 2) * cin + _STEM_SLACK, dtype=torch.bfloat16),
-            x.new_empty(n, h, w, cout, dtype=torch.bfloat16))
+            x.new_empty((9 * cin + 1) * 9 * cin, dtype=torch.float64))
 
 
 @torch.library.custom_op("fastclr::stem_backward", mutates_args=())
-def _stem_backward(g: Tensor, xp: Tensor, y: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor, weight: Tensor,
-                   bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """g (N, H/2, W/2, Cout) and the forward's saved tensors (y: the conv output, (N, H, W, Cout)) -> the gradients
-    of conv_weight, weight and bias (the input's is never needed: it is the normalised views). BN's backward as
-    bn_act_backward's; the conv's weight gradient the sum over pixels of dy x patch, with dy never written."""
-    n, h, w, cout = y.shape
-    cin = conv_weight.shape[1]
+def _stem_backward(g: Tensor, xp: Tensor, gram: Tensor, idx: Tensor, ymax: Tensor, conv_weight: Tensor,
+                   weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """g (N, H/2, W/2, Cout) and the forward's saved tensors -> the gradients of conv_weight, weight and bias (the
+    input's is never needed: it is the normalised views). BN's backward as bn_act_backward's; the conv's weight
+    gradient from one pass over the routed output gradient and the patches, plus the terms gram gives: the conv
+    output and its gradient are never formed."""
+    n, h2, w2, cout = g.shape
+    h, w, cin = 2 * h2, 2 * w2, conv_weight.shape[1]
     gh = g.to(torch.bfloat16).contiguous()
+    cw = conv_weight.float().contiguous()
     wt, bs = weight.float().contiguous(), bias.float().contiguous()
     mean, var = mean.float().contiguous(), var.float().contiguous()
-    t = _partial_threads(n * h // 2)                  # both passes split the pooled rows
+    t = _partial_threads(n * h2)                      # both passes split the pooled rows
     part = torch.empty(t, 9 * cin, cout, dtype=torch.float64)
     xi = torch.empty(n * (h + 2) * (w + 2) * cin, dtype=torch.int32)
     dcw, dweight, dbias = torch.empty(cout, cin, 3, 3), torch.empty(cout), torch.empty(cout)
-    if _lib().stem_backward(xp.data_ptr(), y.data_ptr(), n, h, w, cin, cout, wt.data_ptr(), bs.data_ptr(), eps,
-                            idx.contiguous().data_ptr(), ymax.contiguous().data_ptr(), gh.data_ptr(),
-                            mean.data_ptr(), var.data_ptr(), xi.data_ptr(), dcw.data_ptr(), dweight.data_ptr(),
-                            dbias.data_ptr(), part.data_ptr(), t) != 0:
+    if _lib().stem_backward(xp.data_ptr(), gram.data_ptr(), cw.data_ptr(), n, h, w, cin, cout, wt.data_ptr(),
+                            bs.data_ptr(), eps, idx.contiguous().data_ptr(), ymax.contiguous().data_ptr(),
+                            gh.data_ptr(), mean.data_ptr(), var.data_ptr(), xi.data_ptr(), dcw.data_ptr(),
+                            dweight.data_ptr(), dbias.data_ptr(), part.data_ptr(), t) != 0:
         raise ValueError("stem backward called on an unsupported shape")
     return dcw.to(conv_weight.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
 @_stem_backward.register_fake
-def _(g, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, eps):
+def _(g, xp, gram, idx, ymax, conv_weight, weight, bias, mean, var, eps):
     return torch.empty_like(conv_weight), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _stem_setup(ctx, inputs, output):
     _, conv_weight, weight, bias, eps, _, _ = inputs
-    _, idx, ymax, mean, var, xp, y = output
-    ctx.mark_non_differentiable(idx, ymax, mean, var, xp, y)
-    # else every step allocates and zero-fills gradients for ymax, xp and y (the conv output: 3 ms a step at
-    # 256 views of 3 x 32 x 32)
+    _, idx, ymax, mean, var, xp, gram = output
+    ctx.mark_non_differentiable(idx, ymax, mean, var, xp, gram)
+    # else every step allocates and zero-fills gradients for ymax, xp and gram (ymax: a quarter of the conv output)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(xp, y, idx, ymax, conv_weight, weight, bias, mean, var)
+    ctx.save_for_backward(xp, gram, idx, ymax, conv_weight, weight, bias, mean, var)
     ctx.eps = eps
 
 
-def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp, g_y):
+def _stem_grad(ctx, g_out, g_idx, g_ymax, g_mean, g_var, g_xp, g_gram):
     if g_out is None:
         return None, None, None, None, None, None, None
-    xp, y, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
-    dcw, dweight, dbias = _stem_backward(g_out, xp, y, idx, ymax, conv_weight, weight, bias, mean, var, ctx.eps)
+    xp, gram, idx, ymax, conv_weight, weight, bias, mean, var = ctx.saved_tensors
+    dcw, dweight, dbias = _stem_backward(g_out, xp, gram, idx, ymax, conv_weight, weight, bias, mean, var, ctx.eps)
     return None, dcw, dweight, dbias, None, None, None
 
 
@@ -585,7 +589,7 @@ def _is_conv3x3_same(conv: nn.Module) -> bool:
 
 
 def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module, raw: bool = False) -> bool:
-    """The stem kernel takes a CPU (N, Cin, H, W) input needing no gradient, Cin <= 4, even H and W <= 64: bf16 (the
+    """The stem kernel takes a CPU (N, Cin, H, W) input needing no gradient, Cin <= 4, even H and W, each <= 64: bf16 (the
     normalised views under bf16 autocast) or, ``raw``, the f32 views it normalises itself under bf16 autocast;
     through a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32 weights) to Cout % 16 == 0, Cout <= 64 channels,
     and a BatchNorm2d bn_act takes."""
@@ -594,7 +598,7 @@ def stem_supported(x: Tensor, conv: nn.Module, bn: nn.Module, raw: bool = False)
     return (_is_conv3x3_same(conv) and dtype_ok and not x.requires_grad and x.dim() == 4
             and 1 <= x.shape[1] <= STEM_MAX_IN and x.shape[1] == conv.in_channels
             and conv.out_channels % 16 == 0 and conv.out_channels <= STEM_MAX_OUT
-            and x.device.type == "cpu" and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[3] <= 64
+            and x.device.type == "cpu" and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[2] <= 64 and x.shape[3] <= 64
             and x.shape[0] * x.shape[2] * x.shape[3] > 1 and _bn_module_ok(bn) and available())
 
 

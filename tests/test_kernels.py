@@ -259,7 +259,8 @@ def test_stem_equals_aten(n, cin, h, w, cout):
     under bf16 autocast, both against float64 (on the same bf16 input and weight), on an input with ties (a
     constant block: equal conv outputs inside windows) and a mean far from 0: output and the conv weight, BN
     weight and bias gradients within 1.5x of ATen's error (or 1e-3 of the value's scale), the output equal to
-    ATen's to a bf16 step, the running statistics to f32 rounding."""
+    ATen's to a bf16 step; the running statistics, which the kernel takes from the unrounded conv output (ATen from
+    its bf16 rounding), within a tenth of ATen's error from float64 or f32 rounding."""
     x = (_with_ties((n, cin, h, w), torch.float32) + 1.5).to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
     conv, bn = _stem_layers(cin, cout)
@@ -273,8 +274,10 @@ def test_stem_equals_aten(n, cin, h, w, cout):
     for name, f, a, t in zip(("output", "conv weight grad", "BN weight grad", "BN bias grad"), fused, aten, exact):
         err_fused, err_aten = (f - t).abs().max(), (a - t).abs().max()
         assert err_fused <= max(1.5 * err_aten, 1e-3 * t.abs().max()), (name, err_fused, err_aten)
-    for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(fused[4], name), getattr(aten[4], name), rtol=1e-5, atol=1e-6)
+    for name in ("running_mean", "running_var"):        # of the unrounded conv output, from the patches' moments
+        f, a, t = (getattr(r[4], name).double() for r in (fused, aten, exact))
+        err_fused, err_aten = (f - t).abs().max(), (a - t).abs().max()
+        assert err_fused <= max(0.1 * err_aten, 1e-6 * t.abs().max()), (name, err_fused, err_aten)
     assert fused[4].num_batches_tracked.item() == 1
 
 
@@ -377,7 +380,7 @@ def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
     ReLU fused, then ATen's 3 x 3 average pool), bf16 autocast and
     channels_last as training runs it, kernels on and off, each against the same network in float64: the fused
     path's output and gradients are as close to float64 as ATen's (within 1.5x of ATen's error, or 1e-3 of the
-    value's scale), and its running statistics equal ATen's. In eval mode the fused kernel stays off (BN uses its
+    value's scale), and its running statistics ATen's (the first BN's: as close to float64). In eval mode the fused kernel stays off (BN uses its
     running statistics there)."""
     torch.manual_seed(0)
     ref = Encoder("cnn", width=16, embed_dim=64, in_channels=shape[0], image_size=shape[1:])
@@ -404,10 +407,14 @@ def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
     close_as_aten(outs[1], outs[0], outs[2], "output")
     for (name, p), q, t in zip(ref.named_parameters(), enc.parameters(), exact.parameters()):
         close_as_aten(q.grad.double(), p.grad.double(), t.grad, name)
-    for (name, b), c in zip(ref.named_buffers(), enc.buffers()):
-        # the first BN sees the same input on both paths; later ones see bf16-rounded activations
-        tol = dict(rtol=1e-5, atol=1e-6) if name.startswith("body.1.") else dict(rtol=3e-2, atol=3e-3)
-        torch.testing.assert_close(c.float(), b.float(), **tol, msg=name)
+    for (name, b), c, t in zip(ref.named_buffers(), enc.buffers(), exact.buffers()):
+        if name.startswith("body.1.") and b.is_floating_point():
+            # the first BN sees the same input on both paths: its statistics are as close to float64 as ATen's (the
+            # stem takes them from the unrounded conv output, ATen from its bf16 rounding)
+            err_fused, err_aten = (c.double() - t).abs().max(), (b.double() - t).abs().max()
+            assert err_fused <= max(1.5 * err_aten, 1e-6 * t.abs().max()), (name, err_fused, err_aten)
+        else:                                   # later ones see bf16-rounded activations
+            torch.testing.assert_close(c.float(), b.float(), rtol=3e-2, atol=3e-3, msg=name)
     enc.load_state_dict(ref.state_dict())       # the same running statistics: eval mode runs the same layers
     ref.eval(), enc.eval()
     with torch.no_grad():

@@ -546,6 +546,19 @@ typedef struct {
 
 static int bn_unsupported(int H, int W, int C, int mode) { return C % 16 || C > MAX_BN_C || (mode && (H % 2 || W % 2)); }
 
+/* Mode 1's window: relu(max z) out; into idx the choice (0..3, or 4 where the ReLU gives 0), into ymax the chosen
+ * element's y */
+ALWAYS_INLINE v16 maxpool_relu_window(v16 y0, v16 y1, v16 y2, v16 y3, v16 z0, v16 z1, v16 z2, v16 z3, uint8_t* idx,
+                                      v16* ymax) {
+    i16v k, four = {0}; four += 4;
+    v16 m = argmax4(z0, z1, z2, z3, &k), zero = {0};
+    st_idx(idx, seli(m > zero, k, four));
+    v16 yk = sel(k == four - 3, y1, y0);
+    yk = sel(k == four - 2, y2, yk);
+    *ymax = sel(k == four - 1, y3, yk);
+    return relu16(m);
+}
+
 /* out = the mode's pool and ReLU of z = y * scale + shift (scale = gamma / sigma, shift = beta - mean * scale);
  * mode 1 also stores each window's choice in idx (0..3, or 4 where the ReLU gives 0) and the chosen y in ymax,
  * all the backward's sums need there (so they read a quarter of what they would from y) */
@@ -558,13 +571,9 @@ ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int m
             v16 v;
             if (mode == 0) v = relu16(z0);
             else if (mode == 1) {
-                i16v k, four = {0}; four += 4;
-                v16 m = argmax4(z0, z1, z2, z3, &k), zero = {0};
-                v = relu16(m);
-                st_idx(A->idx + o, seli(m > zero, k, four));
-                v16 yk = sel(k == four - 3, y1, y0);                     /* the chosen element's y */
-                yk = sel(k == four - 2, y2, yk);
-                st(A->ymax, o, sel(k == four - 1, y3, yk), bf);
+                v16 ym;
+                v = maxpool_relu_window(y0, y1, y2, y3, z0, z1, z2, z3, A->idx + o, &ym);
+                st(A->ymax, o, ym, bf);
             }
             else v = (((relu16(z0) + relu16(z1)) + relu16(z2)) + relu16(z3)) * 0.25f;   /* ATen's order */
             st(A->out, o, v, bf);
@@ -741,34 +750,41 @@ int bn_act_backward(const void* y, int bf, int N, int H, int W, int C, const flo
  * The cnn's first stage at once (stem): a 3x3 conv with few input channels (Cin <= 4, no bias, zero padding 1)
  * -> training-mode BatchNorm -> 2x2 max-pool -> ReLU, bf16 in and out.
  *
- * Why: at 3 x 32 x 32 the conv output is the largest map of the step (B x 32 x 32 x 32). Unfused, it is written by
- * the conv, read twice by bn_act's forward, read again by its backward, which writes its gradient (as large),
- * which the conv's weight gradient reads back; and oneDNN runs a 3-channel conv at half the speed it runs the
- * later stages (K = 27 is short for its blocking). Here, with AVX512-BF16 dot products from the padded input
- * (B x 34 x 34 x 3, L2-sized):
- *   forward:  the conv -> y, its BN statistics summed as it is written; then bn_act's mode-1 apply pass on y
- *             (out, idx, ymax, so the backward's two sums are bn_act's, from pooled tensors);
- *   backward: the sums; then per window dy from y (BN's gradient, rounded to bf16 as ATen's is) ->
- *             dW += dy x input patch, as dot products over pairs of neighbouring pixels: the gradient map is
- *             never written.
+ * Why: at 3 x 32 x 32 the conv output is the largest map of the step (B x 32 x 32 x 32, 16.8 MB in bf16 at 256
+ * views). Unfused, it is written by the conv, read twice by bn_act's forward, read again by its backward, which
+ * writes its gradient (as large), which the conv's weight gradient reads back; and oneDNN runs a 3-channel conv at
+ * half the speed it runs the later stages (K = 27 is short for its blocking). Here the conv output is never
+ * stored. The conv is linear in its 3x3 input patches p (Q = 9 Cin values), y = w . p, so BN's statistics follow
+ * from the patches' sum S and second moments G = sum p p^T: sum y = w . S, sum y^2 = w^T G w. G (Q x Q) comes
+ * from the padded input's autocorrelation at the 5 x 5 offsets (stem_gram: a few hundred FLOPs a pixel, from
+ * an L2-sized input). So, with AVX512-BF16 dot products from the padded input:
+ *   forward:  G and S -> the batch mean and variance; then one pass: per 2x2 window its four conv outputs in
+ *             registers, BN, the max-pool and the ReLU -> out, idx, ymax (bn_act's mode-1 outputs);
+ *   backward: bn_act's two sums from the pooled tensors -> dy = scale gz + b (y - mean) + c per pixel, and
+ *             dW = sum dy p^T = scale (sum gz p^T) + b (w^T G - mean S^T) + c S^T: the one term that needs a
+ *             pass is the routed output gradient times the patches, as dot products over pairs of
+ *             neighbouring pixels; y and dy are never formed.
  * The conv is ATen's under bf16 autocast: bf16 input and weight (the weight rounded to nearest even), f32
- * accumulation, the output rounded to bf16 before BN, whose statistics are of that rounded output.
+ * accumulation, the output rounded to bf16 before BN. BN's statistics here are those of the unrounded conv
+ * output, from G in double (ATen's are of the rounded output: a difference of the order of bf16 rounding noise
+ * over the batch, and the float64 reference is closer to these).
  *
  * Layouts. xp: the input with a one-pixel zero border, (N, H + 2, W + 2, Cin) bf16, plus STEM_SLACK zeros.
  * A kernel row of output pixel (h, w) is the 3 * Cin contiguous values xp[h + r, w .. w + 2, :], read as
  * NP = ceil(3 Cin / 2) bf16 pairs (the last pair's odd partner belongs to the next pixel and meets a zero
  * weight). wpk: (Cout / 16, 3, NP, 16) pairs of weights, the dot product's other operand. xi, the backward's:
  * (N, H + 2, W + 2, Cin) pairs (xp[h, w, c], xp[h, w + 1, c]), the input under two horizontal neighbours.
+ * A patch index q = (3 r + s) Cin + c (kernel row r, column s, channel c); gram: G (Q x Q) then S (Q), doubles.
  * ------------------------------------------------------------------------------------------------------------ */
 #define STEM_MAX_CIN 4
 #define STEM_MAX_COUT 64
 #define STEM_SLACK 16
 #define STEM_NP(cin) ((3 * (cin) + 1) / 2)
 
-typedef struct {            /* the forward's conv reads xp and wpk; the backward's rows the rest */
-    const uint16_t* xp; const uint32_t* xi; uint16_t* y; int H, W, Cout; const uint32_t* wpk;
-    const float *scale, *mean, *b, *c;
-    uint8_t* idx; const uint16_t* g;
+typedef struct {            /* the forward's pass reads xp, wpk, scale, shift; the backward's rows xi, idx, g */
+    const uint16_t* xp; const uint32_t* xi; int H, W, Cout; const uint32_t* wpk;
+    const float *scale, *shift;
+    uint16_t *out, *ymax; uint8_t* idx; const uint16_t* g;
 } StemArgs;
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -822,57 +838,45 @@ ALWAYS_INLINE void stem_windows(const StemArgs* A, long n, int i, int j, int cb,
         }
     for (int e = 0; e < 4 * G; e++) y[e] = round_bf16(a[e]);
 }
-ALWAYS_INLINE void stem_window(const StemArgs* A, long n, int i, int j, int cb, v16 y[4], const int Cin) {
-    stem_windows(A, n, i, j, cb, y, Cin, 1);
-}
 
-/* Every pooled window of row r, channels 16 cb ..: the body sees j, the window's column, and y[4], its conv
- * outputs; two windows' convs at a time where the row has two left */
-#define FOR_EACH_STEM_WINDOW(...)                                                                              \
-    for (int j2 = 0; j2 < W2; j2 += 2) {                                                                       \
-        v16 yy[8];                                                                                             \
-        int G = j2 + 1 < W2 ? 2 : 1;                                                                           \
-        if (G == 2) stem_windows(A, r / H2, r % H2, j2, cb, yy, Cin, 2);                                       \
-        else stem_windows(A, r / H2, r % H2, j2, cb, yy, Cin, 1);                                              \
-        for (int g = 0; g < G; g++) { int j = j2 + g; v16* y = yy + 4 * g; __VA_ARGS__ }                        \
-    }
-
-/* One pooled row's conv outputs (2 image rows) into y, their statistics about K added to s, q (Cout doubles) */
-ALWAYS_INLINE void stem_conv_row(const StemArgs* A, long r, const float* K, double* s, double* q, const int Cin) {
+/* One pooled row r, all channels: per window its conv outputs, z = y scale + shift rounded to bf16 (as ATen's BN
+ * output is), the max-pool and the ReLU -> out, idx, ymax; two windows' convs at a time where two are left. */
+ALWAYS_INLINE void stem_fwd_row(const StemArgs* A, long r, const int Cin) {
     const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout;
-    const long i00 = ((r / H2) * A->H + 2 * (r % H2)) * (long)A->W * C, i10 = i00 + (long)A->W * C;
     for (int cb = 0; cb < C / 16; cb++) {
-        v16 kv = ld_f32(K + 16 * cb), a = {0}, b = {0};
-        FOR_EACH_STEM_WINDOW(
-            for (int e = 0; e < 4; e++) { v16 v = y[e] - kv; a += v; b += v * v; }
-            long o = 2L * j * C + 16 * cb;
-            st_bf16(A->y + i00 + o, y[0]); st_bf16(A->y + i00 + o + C, y[1]);
-            st_bf16(A->y + i10 + o, y[2]); st_bf16(A->y + i10 + o + C, y[3]);
-        )
-        for (int l = 0; l < 16; l++) { s[16 * cb + l] += a[l]; q[16 * cb + l] += b[l]; }
+        v16 sc = ld_f32(A->scale + 16 * cb), sh = ld_f32(A->shift + 16 * cb);
+        for (int j2 = 0; j2 < W2; j2 += 2) {
+            v16 y[8];
+            int G = j2 + 1 < W2 ? 2 : 1;
+            if (G == 2) stem_windows(A, r / H2, r % H2, j2, cb, y, Cin, 2);
+            else stem_windows(A, r / H2, r % H2, j2, cb, y, Cin, 1);
+            for (int g = 0; g < G; g++) {
+                const v16* v = y + 4 * g;
+                long o = (r * W2 + j2 + g) * C + 16 * cb;
+                v16 ym, out = maxpool_relu_window(v[0], v[1], v[2], v[3], round_bf16(v[0] * sc + sh),
+                                                  round_bf16(v[1] * sc + sh), round_bf16(v[2] * sc + sh),
+                                                  round_bf16(v[3] * sc + sh), A->idx + o, &ym);
+                st_bf16(A->out + o, out);
+                st_bf16(A->ymax + o, ym);
+            }
+        }
     }
 }
 
-/* One pooled row's weight gradient, added to dw (Cout / 16, 3, 3 Cin, 16 doubles): per window dy = scale * gz +
- * b * (y - mean) + c at its four pixels, rounded to bf16 and paired left with right; then for each pair and
- * each of the 9 Cin patch values, one dot product with xi. */
+/* One pooled row's sum of gz p^T, added to dw (Cout / 16, 3, 3 Cin, 16 doubles): per window the output gradient
+ * routed to its chosen element (exact: g is bf16), paired left with right; then for each pair and each of the
+ * 9 Cin patch values, one dot product with xi. */
 ALWAYS_INLINE void stem_wgrad_row(const StemArgs* A, long r, double* dw, const int Cin) {
     const int H2 = A->H / 2, W2 = A->W / 2, C = A->Cout, Q = 3 * Cin;
     const long n = r / H2, i = r % H2, WP = A->W + 2;
-    const long i00 = (n * A->H + 2 * i) * (long)A->W * C, i10 = i00 + (long)A->W * C;
     u16v pairs[2 * (MAX_HW / 2)];                       /* per window: the top row's pair, the bottom row's */
     for (int cb = 0; cb < C / 16; cb++) {
-        v16 sc = ld_f32(A->scale + 16 * cb), mu = ld_f32(A->mean + 16 * cb);
-        v16 bv = ld_f32(A->b + 16 * cb), cv = ld_f32(A->c + 16 * cb);
         for (int j = 0; j < W2; j++) {
-            long o = (r * W2 + j) * C + 16 * cb, p = 2L * j * C + 16 * cb;
-            v16 y[4] = {ld_bf16(A->y + i00 + p), ld_bf16(A->y + i00 + p + C), ld_bf16(A->y + i10 + p),
-                        ld_bf16(A->y + i10 + p + C)}, d[4];
+            long o = (r * W2 + j) * C + 16 * cb;
             v16 gv = ld_bf16(A->g + o);
             i16v k = ld_idx(A->idx + o);
-            for (int e = 0; e < 4; e++) d[e] = round_bf16(sc * route(gv, k, e) + bv * (y[e] - mu) + cv);
-            pairs[2 * j] = (bits(d[0]) >> 16) | bits(d[1]);
-            pairs[2 * j + 1] = (bits(d[2]) >> 16) | bits(d[3]);
+            pairs[2 * j] = (bits(route(gv, k, 0)) >> 16) | bits(route(gv, k, 1));
+            pairs[2 * j + 1] = (bits(route(gv, k, 2)) >> 16) | bits(route(gv, k, 3));
         }
         v16 acc[3 * 3 * STEM_MAX_CIN];
         for (int t = 0; t < 3 * Q; t++) { v16 zero = {0}; acc[t] = zero; }
@@ -894,7 +898,8 @@ ALWAYS_INLINE void stem_wgrad_row(const StemArgs* A, long r, double* dw, const i
                    case 3: f(__VA_ARGS__, 3); break; default: f(__VA_ARGS__, 4); }
 
 static int stem_unsupported(int H, int W, int Cin, int Cout) {
-    return Cin < 1 || Cin > STEM_MAX_CIN || Cout % 16 || Cout > STEM_MAX_COUT || H % 2 || W % 2 || W > MAX_HW;
+    return Cin < 1 || Cin > STEM_MAX_CIN || Cout % 16 || Cout > STEM_MAX_COUT || H % 2 || W % 2 || W > MAX_HW
+           || H > MAX_HW;
 }
 
 /* wpk from the f32 conv weight (Cout, Cin, 3, 3), rounded to bf16 as autocast rounds it */
@@ -911,6 +916,16 @@ static void stem_pack(const float* cw, int Cin, int Cout, uint32_t* wpk) {
                 }
                 wpk[(((co / 16) * 3 + r) * NP + p) * 16 + co % 16] = pair;
             }
+}
+
+/* w (Cout, Q) in patch order q = (3 r + s) Cin + c, the bf16-rounded conv weight in double */
+static void stem_patch_weights(const float* cw, int Cin, int Cout, double* w) {
+    const int Q = 9 * Cin;
+    for (int co = 0; co < Cout; co++)
+        for (int q = 0; q < Q; q++) {
+            int rs = q / Cin, c = q % Cin;
+            w[co * Q + q] = bf2f(f2bf(cw[((co * Cin + c) * 3 + rs / 3) * 3 + rs % 3]));
+        }
 }
 
 /* xp from the images, with the zero border, then STEM_SLACK zeros. mean == NULL: x is (N, H, W, Cin) bf16, already
@@ -934,47 +949,169 @@ static void stem_pad(const void* x, const float* mean, const float* std, int N, 
     memset(xp + (long)N * (H + 2) * row, 0, STEM_SLACK * 2);
 }
 
-/* x (N, H, W, Cin) bf16, or raw f32 images with xmean, xstd (see stem_pad) -> y (N, H, W, Cout), the conv's
- * output; out, idx, ymax (N, H / 2, W / 2, Cout) as bn_act's mode 1; the batch mean and biased variance (f32); and
- * xp (the backward's input). part: (T, 2, Cout) double scratch. */
-int stem_forward(const void* x, const float* xmean, const float* xstd, int N, int H, int W, int Cin, const float* cw,
-                 int Cout, const float* weight, const float* bias, float eps, uint16_t* xp, uint16_t* y,
-                 uint16_t* out, uint8_t* idx, uint16_t* ymax, float* mean, float* var, double* part, int T) {
-    if (stem_unsupported(H, W, Cin, Cout)) return -1;
-    uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
-    stem_pack(cw, Cin, Cout, wpk);
-    stem_pad(x, xmean, xstd, N, H, W, Cin, xp);
-    StemArgs a = {.xp = xp, .y = y, .H = H, .W = W, .Cout = Cout, .wpk = wpk};
-    float K[STEM_MAX_COUT];                                     /* the shift: pixel 0's conv output */
-    for (int cb = 0; cb < Cout / 16; cb++) {
-        v16 y[4];
-        STEM_CALL(stem_window, &a, 0, 0, 0, cb, y)
-        for (int l = 0; l < 16; l++) K[16 * cb + l] = y[0][l];
+/* ---- the patches' moments (stem_gram) ----
+ * A padded row is L = (W + 2) Cin values. A product of patch values x[h + r1, w + s1, c1] x[h + r2, w + s2, c2]
+ * pairs element e of padded row i with element e + o of row i + dr, o = (s2 - s1) Cin + c2 - c1 (|o| <= OM), and
+ * c1 = e % Cin fixes (s2 - s1, c2) from o. Summed over every row and element, these autocorrelations give G up to
+ * the patch window's edges: patch row r1 = 0 never reaches padded row H, r1 = 2 never row 1 (and the same for the
+ * columns), so those rows' and columns' sums are taken off again (and their corner put back). Accumulated:
+ *   full[dr][o][e]   = sum over rows i of row_i[e] row_{i+dr}[e + o], dr = 0..2 (dr < 0 by symmetry);
+ *   edge[k][dr][o][e] = row_i[e] row_{i+dr}[e + o] for i = 1 (k = 0) and i = H (k = 1), dr = -2..2;
+ *   lin[e], edge_lin[k][e]: the sums of the values, for S. */
+#define GRAM_MARGIN 16                        /* >= the largest |o| (3 Cin - 1), zeros either side of a row */
+#define GRAM_ROW (MAX_HW * STEM_MAX_CIN + 2 * STEM_MAX_CIN + 16 + 2 * GRAM_MARGIN)
+
+typedef struct { int Cin, L, L16, OM, NO; long full, edge, lin, edge_lin, size; } GramLayout;
+
+static GramLayout gram_layout(int W, int Cin) {
+    GramLayout g = {.Cin = Cin, .L = (W + 2) * Cin, .OM = 3 * Cin - 1};
+    g.L16 = (g.L + 15) & ~15; g.NO = 2 * g.OM + 1;
+    g.full = 0; g.edge = 3L * g.NO * g.L16; g.lin = g.edge + 2L * 5 * g.NO * g.L16;
+    g.edge_lin = g.lin + g.L16; g.size = g.edge_lin + 2L * g.L16;
+    return g;
+}
+
+/* One image's contributions, added to acc (a GramLayout's doubles). rows: (H + 2) x GRAM_ROW f32 scratch; fa:
+ * 3 x NO x L16 f32 scratch. */
+ALWAYS_INLINE void gram_image(const uint16_t* xp, int H, const GramLayout* g, float* rows, float* fa, double* acc,
+                              const int Cin) {
+    const int L = g->L, L16 = g->L16, OM = 3 * Cin - 1, NO = 2 * OM + 1;
+    for (int i = 0; i <= H + 1; i++) {
+        float* d = rows + (long)i * GRAM_ROW;
+        memset(d, 0, GRAM_ROW * sizeof(float));
+        if (i >= 1 && i <= H) for (int e = 0; e < L; e++) d[GRAM_MARGIN + e] = bf2f(xp[(long)i * L + e]);
     }
-    long R = (long)N * (H / 2);
+    #define ROW(i) (rows + (long)(i) * GRAM_ROW + GRAM_MARGIN)
+    /* the full sums, 16 elements of e at a time: one row's 16 values times its partner row at every offset, NO
+     * independent accumulators in registers (one accumulator's chain of adds ran at the add's latency) */
+    for (int dr = 0; dr < 3; dr++)
+        for (int e = 0; e < L16; e += 16) {
+            v16 a[NO];
+            #pragma GCC unroll 32
+            for (int oi = 0; oi < NO; oi++) { v16 zero = {0}; a[oi] = zero; }
+            for (int i = 1; i + dr <= H; i++) {
+                v16 u; memcpy(&u, ROW(i) + e, 64);
+                const float* v = ROW(i + dr) + e - OM;
+                #pragma GCC unroll 32
+                for (int oi = 0; oi < NO; oi++) { v16 w; memcpy(&w, v + oi, 64); a[oi] += u * w; }
+            }
+            #pragma GCC unroll 32
+            for (int oi = 0; oi < NO; oi++) memcpy(fa + ((long)dr * NO + oi) * L16 + e, &a[oi], 64);
+        }
+    for (long t = 0; t < 3L * NO * L16; t++) acc[g->full + t] += fa[t];
+    for (int k = 0; k < 2; k++) {
+        int i = k ? H : 1;
+        for (int dr = -2; dr <= 2; dr++) {
+            if (i + dr < 1 || i + dr > H) continue;
+            for (int oi = 0; oi < NO; oi++) {
+                double* o = acc + g->edge + (((long)k * 5 + dr + 2) * NO + oi) * L16;
+                const float *u = ROW(i), *v = ROW(i + dr) + oi - OM;
+                for (int e = 0; e < L; e++) o[e] += u[e] * v[e];         /* products of bf16 values: exact */
+            }
+        }
+        for (int e = 0; e < L; e++) acc[g->edge_lin + (long)k * L16 + e] += ROW(i)[e];
+    }
+    for (int i = 1; i <= H; i++) for (int e = 0; e < L; e++) acc[g->lin + e] += ROW(i)[e];
+    #undef ROW
+}
+
+/* G and S (gram: Q x Q then Q doubles) from the accumulated sums */
+static void gram_reduce(const double* acc, int H, int W, const GramLayout* g, double* gram) {
+    const int Cin = g->Cin, Q = 9 * Cin, L = g->L, L16 = g->L16, OM = g->OM, NO = g->NO;
+    #define FULL(dr, o, e) acc[g->full + ((long)(dr) * NO + (o) + OM) * L16 + (e)]
+    #define EDGE(k, dr, o, e) acc[g->edge + (((long)(k) * 5 + (dr) + 2) * NO + (o) + OM) * L16 + (e)]
+    for (int q1 = 0; q1 < Q; q1++) {
+        int r1 = q1 / (3 * Cin), s1 = q1 / Cin % 3, c1 = q1 % Cin;
+        int k = r1 == 0 ? 1 : r1 == 2 ? 0 : -1;           /* the padded row this patch row never reaches */
+        int j = s1 == 0 ? W : s1 == 2 ? 1 : -1;           /* the padded column */
+        for (int q2 = 0; q2 < Q; q2++) {
+            int r2 = q2 / (3 * Cin), s2 = q2 / Cin % 3, c2 = q2 % Cin;
+            int dr = r2 - r1, ds = s2 - s1, o = ds * Cin + c2 - c1;
+            double v = 0.0;
+            for (int e = c1; e < L; e += Cin) v += dr >= 0 ? FULL(dr, o, e) : 0.0;
+            if (dr < 0) for (int e = c2; e < L; e += Cin) v += FULL(-dr, -o, e);      /* the pairs swapped */
+            if (k >= 0) for (int e = c1; e < L; e += Cin) v -= EDGE(k, dr, o, e);
+            if (j >= 0) {
+                if (dr >= 0) v -= FULL(dr, o, j * Cin + c1);
+                else if (j + ds >= 0 && j + ds <= W + 1) v -= FULL(-dr, -o, (j + ds) * Cin + c2);
+                if (k >= 0) v += EDGE(k, dr, o, j * Cin + c1);
+            }
+            gram[q1 * Q + q2] = v;
+        }
+        double s = 0.0;
+        for (int e = c1; e < L; e += Cin) s += acc[g->lin + e] - (k >= 0 ? acc[g->edge_lin + (long)k * L16 + e] : 0.0);
+        if (j >= 0) s -= acc[g->lin + j * Cin + c1] - (k >= 0 ? acc[g->edge_lin + (long)k * L16 + j * Cin + c1] : 0.0);
+        gram[Q * Q + q1] = s;
+    }
+    #undef FULL
+    #undef EDGE
+    (void)H;
+}
+
+/* G and S of the padded input xp (N images) into gram; part: T x gram_layout(W, Cin).size double scratch */
+static void stem_gram(const uint16_t* xp, int N, int H, int W, int Cin, double* gram, double* part, int T) {
+    GramLayout g = gram_layout(W, Cin);
+    const long img = (long)(H + 2) * g.L;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        double* s = part + (long)t * 2 * Cout; double* q = s + Cout;
-        for (int c = 0; c < Cout; c++) s[c] = q[c] = 0.0;
-        for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_conv_row, &a, r, K, s, q) }
+        float rows[(MAX_HW + 2) * GRAM_ROW], fa[3 * (6 * STEM_MAX_CIN - 1) * ((MAX_HW + 2) * STEM_MAX_CIN + 16)];
+        double* acc = part + (long)t * g.size;
+        for (long e = 0; e < g.size; e++) acc[e] = 0.0;
+        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) { STEM_CALL(gram_image, xp + n * img, H, &g, rows, fa, acc) }
     }
-    double inv[STEM_MAX_COUT], Kd[STEM_MAX_COUT];
+    for (int t = 1; t < T; t++) for (long e = 0; e < g.size; e++) part[e] += part[(long)t * g.size + e];
+    gram_reduce(part, H, W, &g, gram);
+}
+
+long stem_gram_scratch(int W, int Cin) { return gram_layout(W, Cin).size; }
+
+/* x (N, H, W, Cin) bf16, or raw f32 images with xmean, xstd (see stem_pad) -> out, idx, ymax (N, H / 2, W / 2,
+ * Cout) as bn_act's mode 1; the batch mean and biased variance of the conv output (f32); and for the backward xp
+ * and gram. part: T x stem_gram_scratch(W, Cin) double scratch. */
+int stem_forward(const void* x, const float* xmean, const float* xstd, int N, int H, int W, int Cin, const float* cw,
+                 int Cout, const float* weight, const float* bias, float eps, uint16_t* xp, double* gram,
+                 uint16_t* out, uint8_t* idx, uint16_t* ymax, float* mean, float* var, double* part, int T) {
+    if (stem_unsupported(H, W, Cin, Cout)) return -1;
+    const int Q = 9 * Cin;
+    uint32_t wpk[STEM_MAX_COUT / 16 * 3 * STEM_NP(STEM_MAX_CIN) * 16];
+    double w[STEM_MAX_COUT * 9 * STEM_MAX_CIN];
+    stem_pack(cw, Cin, Cout, wpk);
+    stem_patch_weights(cw, Cin, Cout, w);
+    stem_pad(x, xmean, xstd, N, H, W, Cin, xp);
+    stem_gram(xp, N, H, W, Cin, gram, part, T);
+    const double P = (double)N * H * W;
+    for (int co = 0; co < Cout; co++) {                 /* mean = w . S / P, var = w^T G w / P - mean^2 */
+        const double* wc = w + co * Q;
+        double s = 0.0, s2 = 0.0;
+        for (int q = 0; q < Q; q++) {
+            double gw = 0.0;
+            for (int q2 = 0; q2 < Q; q2++) gw += gram[q * Q + q2] * wc[q2];
+            s += wc[q] * gram[Q * Q + q];
+            s2 += wc[q] * gw;
+        }
+        double m = s / P, v = s2 / P - m * m;
+        mean[co] = (float)m;
+        var[co] = (float)(v > 0.0 ? v : 0.0);
+    }
+    double inv[STEM_MAX_COUT];
     float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT];
-    for (int c = 0; c < Cout; c++) Kd[c] = K[c];
-    bn_moments(part, T, 2L * Cout, Cout, (double)N * H * W, Kd, mean, var);
     bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
-    bn_act_fwd(y, 1, N, H, W, Cout, scale, shift, 1, out, idx, ymax);
+    StemArgs a = {.xp = xp, .H = H, .W = W, .Cout = Cout, .wpk = wpk, .scale = scale, .shift = shift, .out = out,
+                  .ymax = ymax, .idx = idx};
+    long R = (long)N * (H / 2);
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) { STEM_CALL(stem_fwd_row, &a, r) }
     return 0;
 }
 
 /* The backward: g (N, H / 2, W / 2, Cout) bf16 and the forward's outputs -> dcw (Cout, Cin, 3, 3), dweight, dbias
  * (f32). xi: (N, H + 2, W + 2, Cin) uint32 scratch; part: (T, max(2, 9 Cin), Cout) double scratch. */
-int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, int Cin, int Cout,
+int stem_backward(const uint16_t* xp, const double* gram, const float* cw, int N, int H, int W, int Cin, int Cout,
                   const float* weight, const float* bias, float eps, const uint8_t* idx, const uint16_t* ymax,
                   const uint16_t* g, const float* mean, const float* var, uint32_t* xi, float* dcw, float* dweight,
                   float* dbias, double* part, int T) {
     if (stem_unsupported(H, W, Cin, Cout)) return -1;
-    double inv[STEM_MAX_COUT];
+    double inv[STEM_MAX_COUT], w[STEM_MAX_COUT * 9 * STEM_MAX_CIN];
     float scale[STEM_MAX_COUT], shift[STEM_MAX_COUT], b[STEM_MAX_COUT], cc[STEM_MAX_COUT];
     bn_affine(weight, bias, mean, var, eps, Cout, inv, scale, shift);
     bn_act_bwd_sums(NULL, 1, N, H, W, Cout, scale, shift, mean, 1, idx, ymax, g, part, T);
@@ -986,9 +1123,8 @@ int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, in
         pair_rows(xp + t * WP * Cin, Cin, (WP - 1) * Cin, o);
         memset(o + (WP - 1) * Cin, 0, (size_t)Cin * 4);
     }
-    StemArgs a = {.xi = xi, .y = (uint16_t*)y, .H = H, .W = W, .Cout = Cout, .scale = scale, .mean = mean, .b = b,
-                  .c = cc, .idx = (uint8_t*)idx, .g = g};
-    const int D = 9 * Cin * Cout;
+    StemArgs a = {.xi = xi, .H = H, .W = W, .Cout = Cout, .idx = (uint8_t*)idx, .g = g};
+    const int D = 9 * Cin * Cout, Q = 9 * Cin;
     long R = (long)N * (H / 2);
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
@@ -996,16 +1132,18 @@ int stem_backward(const uint16_t* xp, const uint16_t* y, int N, int H, int W, in
         for (int e = 0; e < D; e++) dw[e] = 0.0;
         for (long r = R * t / T; r < R * (t + 1) / T; r++) { STEM_CALL(stem_wgrad_row, &a, r, dw) }
     }
-    const int Q = 3 * Cin;
+    /* dW = scale (sum gz p^T) + b (w^T G - mean S^T) + c S^T: the pass above gave the first sum, G and S the rest */
+    stem_patch_weights(cw, Cin, Cout, w);
+    const double* S = gram + Q * Q;
     for (int co = 0; co < Cout; co++)
-        for (int ci = 0; ci < Cin; ci++)
-            for (int r = 0; r < 3; r++)
-                for (int s = 0; s < 3; s++) {
-                    double v = 0.0;
-                    for (int t = 0; t < T; t++)
-                        v += part[(long)t * D + (((co / 16) * 3 + r) * Q + s * Cin + ci) * 16 + co % 16];
-                    dcw[((co * Cin + ci) * 3 + r) * 3 + s] = (float)v;
-                }
+        for (int q = 0; q < Q; q++) {
+            int rs = q / Cin, ci = q % Cin, r = rs / 3, s = rs % 3;
+            double v = 0.0, wg = 0.0;
+            for (int t = 0; t < T; t++) v += part[(long)t * D + (((co / 16) * 3 + r) * 3 * Cin + s * Cin + ci) * 16 + co % 16];
+            for (int q2 = 0; q2 < Q; q2++) wg += w[co * Q + q2] * gram[q2 * Q + q];
+            v = scale[co] * v + b[co] * (wg - (double)mean[co] * S[q]) + cc[co] * S[q];
+            dcw[((co * Cin + ci) * 3 + r) * 3 + s] = (float)v;
+        }
     return 0;
 }
 
