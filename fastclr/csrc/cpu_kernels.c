@@ -248,6 +248,42 @@ void warp_sample(const float* x, int B, int C, int Hin, int Win, int H, int W, c
         float loy = border ? 0.f : -2.f, hiy = border ? (float)(Hin - 1) : (float)Hin + 1.f;   /* or far outside */
         int w = 0;
 #ifdef __AVX512F__
+        if (border && Win >= 2 && Hin >= 2) {
+            /* Clipped to the image, every stencil lies inside it once its corner is kept at least one pixel from
+             * the last row and column (x0 = min(floor(ix), Win - 2), ex = ix - x0: 1 at the last column, the same
+             * value). Then each row's two neighbours are one 64-bit element: two 8-lane gathers of pairs per row
+             * and 16 pixels, which take about half the time of 16-lane gathers of single values, and no masks. */
+            const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+            for (; w < W; w += 16) {
+                __mmask16 live = W - w >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - w)) - 1);
+                __m512 one = _mm512_set1_ps(1.f);
+                __m512 ix = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(live, gx + w), one), _mm512_set1_ps(0.5f * (float)(Win - 1)));
+                __m512 iy = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(live, gy + w), one), _mm512_set1_ps(0.5f * (float)(Hin - 1)));
+                ix = _mm512_min_ps(_mm512_max_ps(ix, _mm512_setzero_ps()), _mm512_set1_ps((float)(Win - 1)));
+                iy = _mm512_min_ps(_mm512_max_ps(iy, _mm512_setzero_ps()), _mm512_set1_ps((float)(Hin - 1)));
+                __m512 fx = _mm512_min_ps(_mm512_roundscale_ps(ix, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _mm512_set1_ps((float)(Win - 2)));
+                __m512 fy = _mm512_min_ps(_mm512_roundscale_ps(iy, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _mm512_set1_ps((float)(Hin - 2)));
+                __m512 ex = _mm512_sub_ps(ix, fx), ey = _mm512_sub_ps(iy, fy);
+                __m512i a = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvttps_epi32(fy), _mm512_set1_epi32(Win)), _mm512_cvttps_epi32(fx));
+                a = _mm512_maskz_mov_epi32(live, a);                  /* the dead lanes read pixel 0 */
+                __m256i alo = _mm512_castsi512_si256(a), ahi = _mm512_extracti64x4_epi64(a, 1);
+                __m512 wv = _mm512_maskz_loadu_ps(live, wt + w);
+                for (int c = 0; c < C; c++) {
+                    const float* img = x + (b * C + c) * (long)Hin * Win;
+                    __m512 t0 = _mm512_castpd_ps(_mm512_i32gather_pd(alo, img, 4));
+                    __m512 t1 = _mm512_castpd_ps(_mm512_i32gather_pd(ahi, img, 4));
+                    __m512 u0 = _mm512_castpd_ps(_mm512_i32gather_pd(alo, img + Win, 4));
+                    __m512 u1 = _mm512_castpd_ps(_mm512_i32gather_pd(ahi, img + Win, 4));
+                    __m512 p00 = _mm512_permutex2var_ps(t0, even, t1), p01 = _mm512_permutex2var_ps(t0, odd, t1);
+                    __m512 p10 = _mm512_permutex2var_ps(u0, even, u1), p11 = _mm512_permutex2var_ps(u0, odd, u1);
+                    __m512 top = _mm512_fmadd_ps(ex, _mm512_sub_ps(p01, p00), p00);
+                    __m512 bot = _mm512_fmadd_ps(ex, _mm512_sub_ps(p11, p10), p10);
+                    __m512 v = _mm512_fmadd_ps(ey, _mm512_sub_ps(bot, top), top);
+                    _mm512_mask_storeu_ps(out + ((b * C + c) * (long)H + h) * W + w, live, _mm512_mul_ps(v, wv));
+                }
+            }
+        }
         /* 16 pixels at a time: four gathers per vector (the auto-vectoriser leaves this loop scalar) */
         for (; w < W; w += 16) {
             __mmask16 live = W - w >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - w)) - 1);
