@@ -997,20 +997,24 @@ static void stem_pad(const void* x, const float* mean, const float* std, int N, 
 #define GRAM_MARGIN 16                        /* >= the largest |o| (3 Cin - 1), zeros either side of a row */
 #define GRAM_ROW (MAX_HW * STEM_MAX_CIN + 2 * STEM_MAX_CIN + 16 + 2 * GRAM_MARGIN)
 
-typedef struct { int Cin, L, L16, OM, NO; long full, edge, lin, edge_lin, size; } GramLayout;
+typedef struct { int Cin, L, L16, OM, NO; long full, edge, lin, edge_lin, scratch, size; } GramLayout;
 
+/* A thread's doubles: full, edge, lin, edge_lin, then f32 scratch for its edge and edge_lin sums over its images
+ * (single products of bf16 values, exact, added in f32: one flush into double per thread; a flush per image cost
+ * more than the image's other sums). */
 static GramLayout gram_layout(int W, int Cin) {
     GramLayout g = {.Cin = Cin, .L = (W + 2) * Cin, .OM = 3 * Cin - 1};
     g.L16 = (g.L + 15) & ~15; g.NO = 2 * g.OM + 1;
     g.full = 0; g.edge = 3L * g.NO * g.L16; g.lin = g.edge + 2L * 5 * g.NO * g.L16;
-    g.edge_lin = g.lin + g.L16; g.size = g.edge_lin + 2L * g.L16;
+    g.edge_lin = g.lin + g.L16; g.scratch = g.edge_lin + 2L * g.L16;
+    g.size = g.scratch + (g.scratch - g.edge) / 2 + 1;           /* (edge .. lin, edge_lin) as floats */
     return g;
 }
 
-/* One image's contributions, added to acc (a GramLayout's doubles). rows: (H + 2) x GRAM_ROW f32 scratch; fa:
- * 3 x NO x L16 f32 scratch. */
+/* One image's contributions, added to acc (a GramLayout's doubles; the edges' to its f32 scratch fe). rows:
+ * (H + 2) x GRAM_ROW f32 scratch; fa: 3 x NO x L16 f32 scratch. */
 ALWAYS_INLINE void gram_image(const uint16_t* xp, int H, const GramLayout* g, float* rows, float* fa, double* acc,
-                              const int Cin) {
+                              float* fe, const int Cin) {
     const int L = g->L, L16 = g->L16, OM = 3 * Cin - 1, NO = 2 * OM + 1;
     for (int i = 0; i <= H + 1; i++) {
         float* d = rows + (long)i * GRAM_ROW;
@@ -1040,12 +1044,12 @@ ALWAYS_INLINE void gram_image(const uint16_t* xp, int H, const GramLayout* g, fl
         for (int dr = -2; dr <= 2; dr++) {
             if (i + dr < 1 || i + dr > H) continue;
             for (int oi = 0; oi < NO; oi++) {
-                double* o = acc + g->edge + (((long)k * 5 + dr + 2) * NO + oi) * L16;
+                float* o = fe + (((long)k * 5 + dr + 2) * NO + oi) * L16;
                 const float *u = ROW(i), *v = ROW(i + dr) + oi - OM;
-                for (int e = 0; e < L; e++) o[e] += u[e] * v[e];         /* products of bf16 values: exact */
+                for (int e = 0; e < L; e++) o[e] += u[e] * v[e];
             }
         }
-        for (int e = 0; e < L; e++) acc[g->edge_lin + (long)k * L16 + e] += ROW(i)[e];
+        for (int e = 0; e < L; e++) fe[(g->edge_lin - g->edge) + (long)k * L16 + e] += ROW(i)[e];
     }
     for (int i = 1; i <= H; i++) for (int e = 0; e < L; e++) acc[g->lin + e] += ROW(i)[e];
     #undef ROW
@@ -1092,10 +1096,13 @@ static void stem_gram(const uint16_t* xp, int N, int H, int W, int Cin, double* 
     for (int t = 0; t < T; t++) {
         float rows[(MAX_HW + 2) * GRAM_ROW], fa[3 * (6 * STEM_MAX_CIN - 1) * ((MAX_HW + 2) * STEM_MAX_CIN + 16)];
         double* acc = part + (long)t * g.size;
-        for (long e = 0; e < g.size; e++) acc[e] = 0.0;
-        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) { STEM_CALL(gram_image, xp + n * img, H, &g, rows, fa, acc) }
+        float* fe = (float*)(acc + g.scratch);
+        for (long e = 0; e < g.scratch; e++) acc[e] = 0.0;
+        for (long e = 0; e < g.scratch - g.edge; e++) fe[e] = 0.f;
+        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) { STEM_CALL(gram_image, xp + n * img, H, &g, rows, fa, acc, fe) }
+        for (long e = 0; e < g.scratch - g.edge; e++) acc[g.edge + e] += fe[e];
     }
-    for (int t = 1; t < T; t++) for (long e = 0; e < g.size; e++) part[e] += part[(long)t * g.size + e];
+    for (int t = 1; t < T; t++) for (long e = 0; e < g.scratch; e++) part[e] += part[(long)t * g.size + e];
     gram_reduce(part, H, W, &g, gram);
 }
 
