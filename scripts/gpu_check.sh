@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # One-command GPU check for a machine with a CUDA GPU and no internet.
 #
-#   scripts/gpu_check.sh OUT_DIR [WHEEL_DIR] [MNIST_GZ_DIR]
+#   scripts/gpu_check.sh OUT_DIR [WHEEL_DIR] [MNIST_GZ_DIR] [FASHION_GZ_DIR]
 #
-# OUT_DIR       results: device.txt, gpu_tests.log, default/graph-b128/graph-b1024 .log/.json (one epoch each),
-#               speedrun*.log/.json (the GPU recipe, without the graph, at batch 1,024), speedrun_eval.log (k-NN recomputed from the
-#               saved encoder), bench-*.json/.log per stage, summary.md and throughput.png over all stages
+# OUT_DIR       results: device.txt, gpu_tests.log, bench-*.json/.log per stage, default/graph-b128/graph-b1024
+#               .log/.json (one MNIST epoch each), colour-graph .log/.json (one epoch of Fashion-MNIST tinted at
+#               random, 3 x 32 x 32, with FASHION_GZ_DIR), speedrun*.log/.json (the GPU recipe, without the graph,
+#               at batch 1,024), speedrun_eval.log (k-NN recomputed from the saved encoder), summary.md and
+#               throughput.png over the benchmark stages; and all of it again as OUT_DIR.tar.gz (one file to fetch)
 # WHEEL_DIR     kornia and kornia_rs wheels, installed (no network) when kornia is missing
 # MNIST_GZ_DIR  folder of the four MNIST *-ubyte.gz files, unpacked into torchvision's layout when
 #               $FASTCLR_DATA does not already hold MNIST/raw
+# FASHION_GZ_DIR  folder of the four Fashion-MNIST *-ubyte.gz files (the machine has no internet): the colour
+#               set is made from them there (python -m benchmarks.export fashion-mnist --size 32 --tint ink)
+#
+# The stages run cheapest and most important first (a probe of what is installed, the gpu tests, the Triton loss
+# and k-NN groups, the augmentation, the epochs, the speedrun candidates), so a budget cut loses the last ones.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [WHEEL_DIR] [MNIST_GZ_DIR]}
 WHEELS=${2:-}
 GZ=${3:-}
+FASHION_GZ=${4:-}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,9 +39,12 @@ if [ ! -f "$DATA/MNIST/raw/train-images-idx3-ubyte" ]; then
 fi
 export FASTCLR_DATA="$DATA" FASTCLR_TEST_DATA="$DATA"
 
+echo "== probe (what is installed; stops here if something is missing)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, kornia; print('torch', torch.__version__, 'kornia', kornia.__version__, torch.cuda.get_device_name())"
+  timeout 20 python3 -c "import torch, triton, kornia, kornia_rs; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('torch', torch.__version__, 'triton', triton.__version__, 'kornia', kornia.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/device.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "the probe failed: see $OUT/device.txt" >&2; tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"; exit 2; }
 
 # Budget: the whole script in at most 6 minutes on one H200. Each stage has its own timeout, cut to what is left
 # of GPU_CHECK_BUDGET seconds (counted from the script's start, set-up included) so that a slow stage costs the
@@ -49,6 +60,23 @@ run_for() {  # run_for SECONDS CMD...: CMD under min(SECONDS, budget left), or a
 echo "== gpu-marked tests"
 run_for 75 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
 
+echo "== CUDA benchmark groups: NT-Xent at N = 2,048 to 262,144, k-NN, augmentation (colour jitter included), train step"
+# The tiled loss at N=262,144 (~1,000x the work of N=16,384, where it took 297 ms) does not fit this budget:
+# LOSS_TILED_262K=1 includes it.
+SKIP_BIG="and not tiled-262144"
+[ "${LOSS_TILED_262K:-0}" = 1 ] && SKIP_BIG=""
+bench() {   # bench NAME SECONDS FILES -k EXPR: one pytest-benchmark run per stage, so a timeout loses one stage
+  local name=$1 secs=$2; shift 2
+  run_for "$secs" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$OUT/bench-$name.json" \
+    --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds 2>&1 | tail -60 > "$OUT/bench-$name.log"
+  tail -1 "$OUT/bench-$name.log"
+}
+bench loss 70 benchmarks/bench_loss.py -k "cuda $SKIP_BIG"
+bench knn 20 benchmarks/bench_knn.py -k cuda
+bench augment 30 benchmarks/bench_augment.py -k "cuda and not torchvision"
+bench step 45 benchmarks/bench_train_step.py -k "cuda and not compiled"
+python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" > /dev/null && echo "wrote $OUT/summary.md"
+
 train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
   local name=$1; shift
   run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
@@ -59,6 +87,13 @@ echo "== one epoch: the default (batch 128, eager step, full evaluation), then t
 train default --epochs 1 --tsne-points 0
 train graph-b128 --epochs 1 --cuda-graph --no-eval
 train graph-b1024 --epochs 1 --cuda-graph --batch-size 1024 --lr 6e-3 --no-eval
+if [ -n "$FASHION_GZ" ]; then
+  echo "== one colour epoch (Fashion-MNIST tinted at random, 3 x 32 x 32, recipe custom-color) with the captured step"
+  mkdir -p "$DATA/FashionMNIST/raw"
+  for f in "$FASHION_GZ"/*-ubyte.gz; do gunzip -c "$f" > "$DATA/FashionMNIST/raw/$(basename "$f" .gz)"; done
+  run_for 40 python3 -m benchmarks.export fashion-mnist --data-dir "$DATA" --size 32 --tint ink --npz /tmp/fastclr-ink.npz \
+    && train colour-graph --data /tmp/fastclr-ink.npz --epochs 1 --cuda-graph --no-eval
+fi
 
 echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), eager, then candidates"
 speedrun() {  # speedrun NAME ARGS...
@@ -72,20 +107,5 @@ speedrun speedrun-eager --no-cuda-graph
 speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
 run_for 30 python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
 
-echo "== CUDA benchmark groups (augmentation, train step, epoch, NT-Xent at N = 2,048 to 262,144, k-NN)"
-# The tiled loss at N=262,144 (~1,000x the work of N=16,384, where it took 297 ms) does not fit this budget:
-# LOSS_TILED_262K=1 includes it.
-SKIP_BIG="and not tiled-262144"
-[ "${LOSS_TILED_262K:-0}" = 1 ] && SKIP_BIG=""
-bench() {   # bench NAME SECONDS FILES -k EXPR: one pytest-benchmark run per stage, so a timeout loses one stage
-  local name=$1 secs=$2; shift 2
-  run_for "$secs" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$OUT/bench-$name.json" \
-    --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds 2>&1 | tail -60 > "$OUT/bench-$name.log"
-  tail -1 "$OUT/bench-$name.log"
-}
-bench augment 30 benchmarks/bench_augment.py -k "cuda and not torchvision"
-bench step 45 benchmarks/bench_train_step.py -k "cuda and not compiled"
-bench loss 70 benchmarks/bench_loss.py -k "cuda $SKIP_BIG"
-bench knn 20 benchmarks/bench_knn.py -k cuda
-python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" > /dev/null && echo "wrote $OUT/summary.md"
+tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed: $OUT.tar.gz"
 echo "done: $OUT"
