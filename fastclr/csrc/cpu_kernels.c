@@ -954,6 +954,15 @@ static void stem_pack(const float* cw, int Cin, int Cout, uint32_t* wpk) {
             }
 }
 
+/* gw = G wc (Q): G the patches' second moments (Q x Q, symmetric), wc one output channel's patch weights */
+static void gram_times(const double* gram, const double* wc, int Q, double* gw) {
+    for (int q = 0; q < Q; q++) {
+        double v = 0.0;
+        for (int q2 = 0; q2 < Q; q2++) v += gram[q * Q + q2] * wc[q2];
+        gw[q] = v;
+    }
+}
+
 /* w (Cout, Q) in patch order q = (3 r + s) Cin + c, the bf16-rounded conv weight in double */
 static void stem_patch_weights(const float* cw, int Cin, int Cout, double* w) {
     const int Q = 9 * Cin;
@@ -996,6 +1005,7 @@ static void stem_pad(const void* x, const float* mean, const float* std, int N, 
  *   lin[e], edge_lin[k][e]: the sums of the values, for S. */
 #define GRAM_MARGIN 16                        /* >= the largest |o| (3 Cin - 1), zeros either side of a row */
 #define GRAM_ROW (MAX_HW * STEM_MAX_CIN + 2 * STEM_MAX_CIN + 16 + 2 * GRAM_MARGIN)
+#define GRAM_FA (3 * (6 * STEM_MAX_CIN - 1) * ((MAX_HW + 2) * STEM_MAX_CIN + 16))   /* 3 x NO x L16 at the most */
 
 typedef struct { int Cin, L, L16, OM, NO; long full, edge, lin, edge_lin, scratch, size; } GramLayout;
 
@@ -1012,16 +1022,13 @@ static GramLayout gram_layout(int W, int Cin) {
 }
 
 /* One image's contributions, added to acc (a GramLayout's doubles; the edges' to its f32 scratch fe). rows:
- * (H + 2) x GRAM_ROW f32 scratch; fa: 3 x NO x L16 f32 scratch. */
+ * (H + 2) x GRAM_ROW f32 scratch, zero outside the L values of rows 1..H this writes (so zeroed once per thread);
+ * fa: 3 x NO x L16 f32 scratch. */
 ALWAYS_INLINE void gram_image(const uint16_t* xp, int H, const GramLayout* g, float* rows, float* fa, double* acc,
                               float* fe, const int Cin) {
     const int L = g->L, L16 = g->L16, OM = 3 * Cin - 1, NO = 2 * OM + 1;
-    for (int i = 0; i <= H + 1; i++) {
-        float* d = rows + (long)i * GRAM_ROW;
-        memset(d, 0, GRAM_ROW * sizeof(float));
-        if (i >= 1 && i <= H) for (int e = 0; e < L; e++) d[GRAM_MARGIN + e] = bf2f(xp[(long)i * L + e]);
-    }
     #define ROW(i) (rows + (long)(i) * GRAM_ROW + GRAM_MARGIN)
+    for (int i = 1; i <= H; i++) for (int e = 0; e < L; e++) ROW(i)[e] = bf2f(xp[(long)i * L + e]);
     /* the full sums, 16 elements of e at a time: one row's 16 values times its partner row at every offset, NO
      * independent accumulators in registers (one accumulator's chain of adds ran at the add's latency) */
     for (int dr = 0; dr < 3; dr++)
@@ -1056,7 +1063,7 @@ ALWAYS_INLINE void gram_image(const uint16_t* xp, int H, const GramLayout* g, fl
 }
 
 /* G and S (gram: Q x Q then Q doubles) from the accumulated sums */
-static void gram_reduce(const double* acc, int H, int W, const GramLayout* g, double* gram) {
+static void gram_reduce(const double* acc, int W, const GramLayout* g, double* gram) {
     const int Cin = g->Cin, Q = 9 * Cin, L = g->L, L16 = g->L16, OM = g->OM, NO = g->NO;
     #define FULL(dr, o, e) acc[g->full + ((long)(dr) * NO + (o) + OM) * L16 + (e)]
     #define EDGE(k, dr, o, e) acc[g->edge + (((long)(k) * 5 + (dr) + 2) * NO + (o) + OM) * L16 + (e)]
@@ -1068,8 +1075,8 @@ static void gram_reduce(const double* acc, int H, int W, const GramLayout* g, do
             int r2 = q2 / (3 * Cin), s2 = q2 / Cin % 3, c2 = q2 % Cin;
             int dr = r2 - r1, ds = s2 - s1, o = ds * Cin + c2 - c1;
             double v = 0.0;
-            for (int e = c1; e < L; e += Cin) v += dr >= 0 ? FULL(dr, o, e) : 0.0;
-            if (dr < 0) for (int e = c2; e < L; e += Cin) v += FULL(-dr, -o, e);      /* the pairs swapped */
+            if (dr >= 0) for (int e = c1; e < L; e += Cin) v += FULL(dr, o, e);
+            else for (int e = c2; e < L; e += Cin) v += FULL(-dr, -o, e);             /* the pairs swapped */
             if (k >= 0) for (int e = c1; e < L; e += Cin) v -= EDGE(k, dr, o, e);
             if (j >= 0) {
                 if (dr >= 0) v -= FULL(dr, o, j * Cin + c1);
@@ -1085,7 +1092,6 @@ static void gram_reduce(const double* acc, int H, int W, const GramLayout* g, do
     }
     #undef FULL
     #undef EDGE
-    (void)H;
 }
 
 /* G and S of the padded input xp (N images) into gram; part: T x gram_layout(W, Cin).size double scratch */
@@ -1094,7 +1100,8 @@ static void stem_gram(const uint16_t* xp, int N, int H, int W, int Cin, double* 
     const long img = (long)(H + 2) * g.L;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        float rows[(MAX_HW + 2) * GRAM_ROW], fa[3 * (6 * STEM_MAX_CIN - 1) * ((MAX_HW + 2) * STEM_MAX_CIN + 16)];
+        float rows[(MAX_HW + 2) * GRAM_ROW], fa[GRAM_FA];
+        memset(rows, 0, (size_t)(H + 2) * GRAM_ROW * sizeof(float));
         double* acc = part + (long)t * g.size;
         float* fe = (float*)(acc + g.scratch);
         for (long e = 0; e < g.scratch; e++) acc[e] = 0.0;
@@ -1103,7 +1110,7 @@ static void stem_gram(const uint16_t* xp, int N, int H, int W, int Cin, double* 
         for (long e = 0; e < g.scratch - g.edge; e++) acc[g.edge + e] += fe[e];
     }
     for (int t = 1; t < T; t++) for (long e = 0; e < g.scratch; e++) part[e] += part[(long)t * g.size + e];
-    gram_reduce(part, H, W, &g, gram);
+    gram_reduce(part, W, &g, gram);
 }
 
 long stem_gram_scratch(int W, int Cin) { return gram_layout(W, Cin).size; }
@@ -1125,13 +1132,9 @@ int stem_forward(const void* x, const float* xmean, const float* xstd, int N, in
     const double P = (double)N * H * W;
     for (int co = 0; co < Cout; co++) {                 /* mean = w . S / P, var = w^T G w / P - mean^2 */
         const double* wc = w + co * Q;
-        double s = 0.0, s2 = 0.0;
-        for (int q = 0; q < Q; q++) {
-            double gw = 0.0;
-            for (int q2 = 0; q2 < Q; q2++) gw += gram[q * Q + q2] * wc[q2];
-            s += wc[q] * gram[Q * Q + q];
-            s2 += wc[q] * gw;
-        }
+        double gw[9 * STEM_MAX_CIN], s = 0.0, s2 = 0.0;
+        gram_times(gram, wc, Q, gw);
+        for (int q = 0; q < Q; q++) { s += wc[q] * gram[Q * Q + q]; s2 += wc[q] * gw[q]; }
         double m = s / P, v = s2 / P - m * m;
         mean[co] = (float)m;
         var[co] = (float)(v > 0.0 ? v : 0.0);
@@ -1178,15 +1181,17 @@ int stem_backward(const uint16_t* xp, const double* gram, const float* cw, int N
     /* dW = scale (sum gz p^T) + b (w^T G - mean S^T) + c S^T: the pass above gave the first sum, G and S the rest */
     stem_patch_weights(cw, Cin, Cout, w);
     const double* S = gram + Q * Q;
-    for (int co = 0; co < Cout; co++)
+    for (int co = 0; co < Cout; co++) {
+        double wg[9 * STEM_MAX_CIN];                    /* w^T G = G w: G is symmetric */
+        gram_times(gram, w + co * Q, Q, wg);
         for (int q = 0; q < Q; q++) {
-            int rs = q / Cin, ci = q % Cin, r = rs / 3, s = rs % 3;
-            double v = 0.0, wg = 0.0;
-            for (int t = 0; t < T; t++) v += part[(long)t * D + (((co / 16) * 3 + r) * 3 * Cin + s * Cin + ci) * 16 + co % 16];
-            for (int q2 = 0; q2 < Q; q2++) wg += w[co * Q + q2] * gram[q2 * Q + q];
-            v = scale[co] * v + b[co] * (wg - (double)mean[co] * S[q]) + cc[co] * S[q];
-            dcw[((co * Cin + ci) * 3 + r) * 3 + s] = (float)v;
+            double v = 0.0;
+            for (int t = 0; t < T; t++) v += part[(long)t * D + ((co / 16) * Q + q) * 16 + co % 16];
+            v = scale[co] * v + b[co] * (wg[q] - (double)mean[co] * S[q]) + cc[co] * S[q];
+            int rs = q / Cin, ci = q % Cin;
+            dcw[((co * Cin + ci) * 3 + rs / 3) * 3 + rs % 3] = (float)v;
         }
+    }
     return 0;
 }
 
