@@ -9,6 +9,7 @@ from .conftest import QUICK, describe, run
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastclr's CPU kernels cannot be built here")
 BATCH = 8 if QUICK else 256          # both views of the tutorial's batch of 128
+DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
 @needs_kernels
@@ -53,21 +54,22 @@ BN_MODES = {"maxpool": kernels.BN_MAXPOOL_RELU, "avgpool": kernels.BN_RELU_AVGPO
 
 @needs_kernels
 @pytest.mark.parametrize("impl", ["kernel", "aten"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("c,hw,pool", [(32, 32, "maxpool"), (64, 16, "maxpool"), (128, 8, "avgpool"), (128, 7, "relu")])
-def test_bn_act(benchmark, impl, c, hw, pool):
+def test_bn_act(benchmark, impl, dtype, c, hw, pool):
     """Training-mode BatchNorm2d with what follows it in the cnn (width 32): BN -> max-pool -> ReLU at stages 1 and 2
     (32@32, 64@16 on 32 px colour), BN -> ReLU -> average pool at stage 3 (128@8), BN -> ReLU at 28 px (128@7);
     forward + backward to the input, weight and bias. ATen's side is BatchNorm2d and the layers (its pool + ReLU
-    through ATen too)."""
-    benchmark.group = f"bn_act-{pool}-{c}x{hw}-cpu"
+    through ATen too). bf16 is the step's dtype on CPUs with native bf16, f32 on the others (fastclr.backend)."""
+    benchmark.group = f"bn_act-{pool}-{c}x{hw}-{dtype}-cpu"
     describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
-    x = torch.randn(BATCH, c, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(BATCH, c, hw, hw).to(DTYPES[dtype]).contiguous(memory_format=torch.channels_last).requires_grad_()
     bn = torch.nn.BatchNorm2d(c)
     mode = BN_MODES[pool]
     post = {"maxpool": lambda z: F.relu(F.max_pool2d(z, 2)), "avgpool": lambda z: F.avg_pool2d(F.relu(z), 2),
             "relu": F.relu}[pool]
     fn = (lambda t: kernels.bn_act(t, bn, mode)) if impl == "kernel" else (lambda t: post(bn(t)))
-    g = torch.randn(fn(x).shape).bfloat16().contiguous(memory_format=torch.channels_last)
+    g = torch.randn(fn(x).shape).to(x.dtype).contiguous(memory_format=torch.channels_last)
     run(benchmark, lambda: torch.autograd.grad(fn(x), [x, bn.weight, bn.bias], g), "cpu", rounds=30, warmup=3)
     benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean
 

@@ -6,9 +6,9 @@
  * (blur3) and the colour jitter + random greyscale in two passes per image (color_jitter).
  *
  * Built by fastclr/kernels.py on first use: cc -O3 -march=native -fopenmp -shared -fPIC.
- * Tensors are channels-last (N, H, W, C); C a multiple of 16, so one 16-float vector (GCC vector
- * extension: AVX-512 where the CPU has it) holds 16 channels of one pixel. bf16 is read and written as
- * the upper 16 bits of an f32 (round to nearest even on the way out); all arithmetic is f32.
+ * Tensors are channels-last (N, H, W, C); C a multiple of 16, so whole vectors (GCC vector extension) hold
+ * channels of one pixel: 16 (v16), or the CPU's own width (vf: 16 with AVX-512, else 8; see VL). bf16 is read and
+ * written as the upper 16 bits of an f32 (round to nearest even on the way out); all arithmetic is f32.
  *
  * Why these are faster than ATen on a CPU (tests/test_kernels.py checks values and gradients against it):
  *  - the pool keeps the winning position as a uint8 (0..3) instead of an int64 index, and its backward
@@ -34,41 +34,104 @@ typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
 typedef uint8_t b16v __attribute__((vector_size(16)));
 
+/* The native vector: one register of VL floats. The memory-bound kernels (bn_act, pool_relu), which run in every
+ * CPU training step, use it. Why not 16 lanes everywhere: without AVX-512, GCC lowers a 16-lane vector's
+ * arithmetic to two registers but each of its comparisons to 16 scalar compares and branches (bn_act's forward ran
+ * at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and the weight-gradient kernels, whose data
+ * layouts are built around 16 lanes, run fast only with AVX512-BF16 and keep the 16-lane type. */
+#ifdef __AVX512F__
+#define VL 16
+typedef v16 vf; typedef i16v vi; typedef u16v vu; typedef h16v vh; typedef b16v vb;
+#else
+#define VL 8
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+typedef uint8_t vb __attribute__((vector_size(8)));
+#endif
+
 #define MAX_HW 64      /* conv kernel: largest image side (its padded copy lives on the stack) */
 #define MAX_C 64       /* conv kernel: most output channels (its gradient accumulators live on the stack) */
-
-static inline v16 ld_f32(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
-static inline void st_f32(float* p, v16 v) { memcpy(p, &v, 64); }
-static inline v16 ld_bf16(const uint16_t* p) {
-    h16v h; memcpy(&h, p, 32);
-    u16v u = __builtin_convertvector(h, u16v) << 16;
-    v16 f; memcpy(&f, &u, 64); return f;
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* The element-wise helpers, written once for a vector type V of N lanes (I, U: int32 and uint32 lanes; H: uint16;
+ * B: uint8), their names prefixed with P: instantiated for v16 (no prefix) and for the native vf (prefix n).
+ * bf16 is read and written as the upper 16 bits of an f32 (round to nearest even on the way out). */
+#define VECTOR_OPS(P, V, I, U, H, B)                                                                              \
+static inline V P##ld_f32(const float* p) { V v; memcpy(&v, p, sizeof v); return v; }                           \
+static inline void P##st_f32(float* p, V v) { memcpy(p, &v, sizeof v); }                                          \
+static inline V P##ld_bf16(const uint16_t* p) {                                                                   \
+    H h; memcpy(&h, p, sizeof h);                                                                                 \
+    U u = __builtin_convertvector(h, U) << 16;                                                                    \
+    V f; memcpy(&f, &u, sizeof f); return f;                                                                      \
+}                                                                                                                 \
+static inline void P##st_bf16(uint16_t* p, V f) {                                                                 \
+    U u; memcpy(&u, &f, sizeof u);                                                                                \
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;          /* round to nearest even (finite values) */              \
+    H h = __builtin_convertvector(u, H); memcpy(p, &h, sizeof h);                                                 \
+}                                                                                                                 \
+/* f rounded to bf16 and widened back (integer ops) */                                                            \
+static inline V P##round_bf16_int(V f) {                                                                          \
+    U u; memcpy(&u, &f, sizeof u);                                                                                \
+    u = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;                                                           \
+    V r; memcpy(&r, &u, sizeof r); return r;                                                                      \
+}                                                                                                                 \
+static inline V P##ld(const void* p, long off, int bf) {                                                          \
+    return bf ? P##ld_bf16((const uint16_t*)p + off) : P##ld_f32((const float*)p + off);                          \
+}                                                                                                                 \
+static inline void P##st(void* p, long off, V v, int bf) {                                                        \
+    if (bf) P##st_bf16((uint16_t*)p + off, v); else P##st_f32((float*)p + off, v);                                \
+}                                                                                                                 \
+static inline V P##sel(I m, V a, V b) { return (V)(((I)a & m) | ((I)b & ~m)); }                                  \
+static inline I P##seli(I m, I a, I b) { return (a & m) | (b & ~m); }                                             \
+static inline void P##st_idx(uint8_t* p, I k) { B b = __builtin_convertvector(k, B); memcpy(p, &b, sizeof b); }   \
+static inline I P##ld_idx(const uint8_t* p) { B b; memcpy(&b, p, sizeof b); return __builtin_convertvector(b, I); } \
+static inline V P##relu(V v) { V zero = {0}; return P##sel(v > zero, v, zero); }                                  \
+/* The first maximum of a 2x2 window in raster order (strict >), as PyTorch's max_pool2d picks it. */            \
+static inline V P##argmax4(V a0, V a1, V a2, V a3, I* k) {                                                        \
+    I zero = {0}, id = zero;                                                                                      \
+    V m = a0;                                                                                                     \
+    I g = a1 > m; m = P##sel(g, a1, m); id = P##seli(g, zero + 1, id);                                            \
+    g = a2 > m;   m = P##sel(g, a2, m); id = P##seli(g, zero + 2, id);                                            \
+    g = a3 > m;   m = P##sel(g, a3, m); id = P##seli(g, zero + 3, id);                                            \
+    *k = id;                                                                                                      \
+    return m;                                                                                                     \
+}                                                                                                                 \
+/* ReLU's gradient mask and the pool's routing: the gradient of window position p (0..3) */                      \
+static inline V P##route(V g, I k, int p) { V zero = {0}; I z = {0}; return P##sel(k == z + p, g, zero); }        \
+/* bn_act's mode-1 window (see there): relu(max z) out; into idx the choice (0..3, or 4 where the ReLU gives 0),   \
+ * into ymax the chosen element's y */                                                                            \
+ALWAYS_INLINE V P##maxpool_relu_window(V y0, V y1, V y2, V y3, V z0, V z1, V z2, V z3, uint8_t* idx, V* ymax) {   \
+    I k, four = {0}; four += 4;                                                                                   \
+    V m = P##argmax4(z0, z1, z2, z3, &k), zero = {0};                                                             \
+    P##st_idx(idx, P##seli(m > zero, k, four));                                                                   \
+    V yk = P##sel(k == four - 3, y1, y0);                                                                         \
+    yk = P##sel(k == four - 2, y2, yk);                                                                           \
+    *ymax = P##sel(k == four - 1, y3, yk);                                                                        \
+    return P##relu(m);                                                                                            \
 }
-static inline void st_bf16(uint16_t* p, v16 f) {
-    u16v u; memcpy(&u, &f, 64);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;          /* round to nearest even (finite values) */
-    h16v h = __builtin_convertvector(u, h16v); memcpy(p, &h, 32);
-}
-static inline v16 ld(const void* p, long off, int bf) { return bf ? ld_bf16((const uint16_t*)p + off) : ld_f32((const float*)p + off); }
-static inline void st(void* p, long off, v16 v, int bf) { if (bf) st_bf16((uint16_t*)p + off, v); else st_f32((float*)p + off, v); }
-static inline v16 sel(i16v m, v16 a, v16 b) { return (v16)(((i16v)a & m) | ((i16v)b & ~m)); }
-static inline i16v seli(i16v m, i16v a, i16v b) { return (a & m) | (b & ~m); }
-static inline void st_idx(uint8_t* p, i16v k) { b16v b = __builtin_convertvector(k, b16v); memcpy(p, &b, 16); }
-static inline i16v ld_idx(const uint8_t* p) { b16v b; memcpy(&b, p, 16); return __builtin_convertvector(b, i16v); }
 
-/* The first maximum of a 2x2 window in raster order (strict >), as PyTorch's max_pool2d picks it. */
-static inline v16 argmax4(v16 a0, v16 a1, v16 a2, v16 a3, i16v* k) {
-    i16v zero = {0}, id = zero;
-    v16 m = a0;
-    i16v g = a1 > m; m = sel(g, a1, m); id = seli(g, zero + 1, id);
-    g = a2 > m;      m = sel(g, a2, m); id = seli(g, zero + 2, id);
-    g = a3 > m;      m = sel(g, a3, m); id = seli(g, zero + 3, id);
-    *k = id;
-    return m;
-}
+VECTOR_OPS(, v16, i16v, u16v, h16v, b16v)
+VECTOR_OPS(n, vf, vi, vu, vh, vb)
 
-/* ReLU's gradient mask and the pool's routing: the gradient of window position p (0..3) */
-static inline v16 route(v16 g, i16v k, int p) { v16 zero = {0}; i16v z = {0}; return sel(k == z + p, g, zero); }
+/* v rounded to bf16 and widened back */
+static inline v16 round_bf16(v16 f) {
+#ifdef __AVX512BF16__
+    /* one instruction (round to nearest even) instead of five integer ones */
+    __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)f);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+    return round_bf16_int(f);
+#endif
+}
+static inline vf nround_bf16(vf f) {
+#if VL == 16
+    return round_bf16(f);
+#else
+    return nround_bf16_int(f);
+#endif
+}
+static inline vf nrnd(vf v, int bf) { return bf ? nround_bf16(v) : v; }
 
 /* (x - mean) * inv_std with a one-pixel zero border: (H + 2) x (W + 2), row stride W + 2 */
 static void pad_normalised(const float* x, int H, int W, float mean, float inv_std, float* xp) {
@@ -79,16 +142,16 @@ static void pad_normalised(const float* x, int H, int W, float mean, float inv_s
 }
 
 /* 2x2 max-pool then ReLU. x (N, H, W, C) -> out (N, H/2, W/2, C), idx (N, H/2, W/2, C) window positions. */
-/* Every 2x2 window of an (N, H, W, C) tensor, 16 channels at a time, in parallel over pooled rows: the body sees
+/* Every 2x2 window of an (N, H, W, C) tensor, VL channels at a time, in parallel over pooled rows: the body sees
  * i00 / i10, the window's top-left and bottom-left elements, o, the pooled element, and zero. */
 #define FOR_EACH_POOL_WINDOW(...)                                                                              \
     int H2 = H / 2, W2 = W / 2;                                                                                \
     _Pragma("omp parallel for schedule(static)")                                                               \
     for (long r = 0; r < (long)N * H2; r++) {                                                                  \
         long n = r / H2, i = r % H2;                                                                           \
-        v16 zero = {0};                                                                                        \
+        vf zero = {0};                                                                                        \
         for (int j = 0; j < W2; j++)                                                                           \
-            for (int cb = 0; cb < C; cb += 16) {                                                               \
+            for (int cb = 0; cb < C; cb += VL) {                                                               \
                 long i00 = ((n * H + 2 * i) * W + 2 * j) * C + cb, i10 = i00 + (long)W * C;                   \
                 long o = (r * W2 + j) * C + cb;                                                                \
                 __VA_ARGS__                                                                                    \
@@ -97,10 +160,10 @@ static void pad_normalised(const float* x, int H, int W, float mean, float inv_s
 
 void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* out, int out_bf, uint8_t* idx) {
     FOR_EACH_POOL_WINDOW(
-        i16v k;
-        v16 m = argmax4(ld(x, i00, x_bf), ld(x, i00 + C, x_bf), ld(x, i10, x_bf), ld(x, i10 + C, x_bf), &k);
-        st(out, o, sel(m > zero, m, zero), out_bf);
-        st_idx(idx + o, k);
+        vi k;
+        vf m = nargmax4(nld(x, i00, x_bf), nld(x, i00 + C, x_bf), nld(x, i10, x_bf), nld(x, i10 + C, x_bf), &k);
+        nst(out, o, nsel(m > zero, m, zero), out_bf);
+        nst_idx(idx + o, k);
     )
 }
 
@@ -108,13 +171,13 @@ void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* ou
 void pool_relu_bwd(const void* g, int g_bf, const void* out, int out_bf, const uint8_t* idx,
                    int N, int H, int W, int C, void* gx, int gx_bf) {
     FOR_EACH_POOL_WINDOW(
-        v16 gv = ld(g, o, g_bf);
-        gv = sel(ld(out, o, out_bf) > zero, gv, zero);
-        i16v k = ld_idx(idx + o);
-        st(gx, i00, route(gv, k, 0), gx_bf);
-        st(gx, i00 + C, route(gv, k, 1), gx_bf);
-        st(gx, i10, route(gv, k, 2), gx_bf);
-        st(gx, i10 + C, route(gv, k, 3), gx_bf);
+        vf gv = nld(g, o, g_bf);
+        gv = nsel(nld(out, o, out_bf) > zero, gv, zero);
+        vi k = nld_idx(idx + o);
+        nst(gx, i00, nroute(gv, k, 0), gx_bf);
+        nst(gx, i00 + C, nroute(gv, k, 1), gx_bf);
+        nst(gx, i10, nroute(gv, k, 2), gx_bf);
+        nst(gx, i10 + C, nroute(gv, k, 3), gx_bf);
     )
 }
 
@@ -503,21 +566,6 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
  * element. y, out, g, dy channels-last, one dtype; C a multiple of 16, at most MAX_BN_C; H, W even for modes 1
  * and 2: the two exported entry points, bn_act_forward and bn_act_backward, check these once. */
 #define MAX_BN_C 512
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-static inline v16 round_bf16(v16 f) {
-#ifdef __AVX512BF16__
-    /* one instruction (round to nearest even) instead of five integer ones */
-    __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)f);
-    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-#else
-    u16v u; memcpy(&u, &f, 64);
-    u = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;
-    v16 r; memcpy(&r, &u, 64); return r;
-#endif
-}
-static inline v16 rnd(v16 v, int bf) { return bf ? round_bf16(v) : v; }
-static inline v16 relu16(v16 v) { v16 zero = {0}; return sel(v > zero, v, zero); }
 
 /* Per-channel sums of y - K and (y - K)^2 over P pixels (K: pixel 0's value, a shift that keeps E[y^2] - E[y]^2
  * from cancelling), as T partial rows in double: part (T, 3, C) = (sum, sum of squares, K). */
@@ -527,16 +575,16 @@ static void bn_stats(const void* y, int bf, long P, int C, double* part, int T) 
         long p0 = P * t / T, p1 = P * (t + 1) / T;
         double* s = part + (long)t * 3 * C; double* q = s + C; double* k = q + C;
         for (int c = 0; c < C; c++) s[c] = q[c] = 0.0;
-        for (int cb = 0; cb < C; cb += 16) {
-            v16 kv = ld(y, cb, bf);
-            for (int l = 0; l < 16; l++) k[cb + l] = kv[l];
+        for (int cb = 0; cb < C; cb += VL) {
+            vf kv = nld(y, cb, bf);
+            for (int l = 0; l < VL; l++) k[cb + l] = kv[l];
         }
-        for (long p = p0; p < p1; p += 16) {
-            long pe = p + 16 < p1 ? p + 16 : p1;
-            for (int cb = 0; cb < C; cb += 16) {
-                v16 kv = ld(y, cb, bf), a = {0}, b = {0};
-                for (long m = p; m < pe; m++) { v16 v = ld(y, m * C + cb, bf) - kv; a += v; b += v * v; }
-                for (int l = 0; l < 16; l++) { s[cb + l] += a[l]; q[cb + l] += b[l]; }
+        for (long p = p0; p < p1; p += VL) {
+            long pe = p + VL < p1 ? p + VL : p1;
+            for (int cb = 0; cb < C; cb += VL) {
+                vf kv = nld(y, cb, bf), a = {0}, b = {0};
+                for (long m = p; m < pe; m++) { vf v = nld(y, m * C + cb, bf) - kv; a += v; b += v * v; }
+                for (int l = 0; l < VL; l++) { s[cb + l] += a[l]; q[cb + l] += b[l]; }
             }
         }
     }
@@ -555,25 +603,25 @@ typedef struct {
     const long row0 = ((r / Ho) * A->H + s * (r % Ho)) * (long)W * C;
 #define BN_WINDOW_Y                                                                                            \
     long i00 = row0 + (long)s * j * C + cb, i10 = i00 + (long)W * C, o = (r * Wo + j) * C + cb;               \
-    v16 y0 = ld(A->y, i00, bf), y1 = y0, y2 = y0, y3 = y0;                                                     \
-    if (mode) { y1 = ld(A->y, i00 + C, bf); y2 = ld(A->y, i10, bf); y3 = ld(A->y, i10 + C, bf); }
+    vf y0 = nld(A->y, i00, bf), y1 = y0, y2 = y0, y3 = y0;                                                     \
+    if (mode) { y1 = nld(A->y, i00 + C, bf); y2 = nld(A->y, i10, bf); y3 = nld(A->y, i10 + C, bf); }
 #define BN_WINDOW_Z                                                                                            \
-    v16 sc = ld_f32(A->scale + cb), sh = ld_f32(A->shift + cb);                                                \
-    v16 z0 = rnd(y0 * sc + sh, bf), z1 = z0, z2 = z0, z3 = z0;                                                 \
-    if (mode) { z1 = rnd(y1 * sc + sh, bf); z2 = rnd(y2 * sc + sh, bf); z3 = rnd(y3 * sc + sh, bf); }
+    vf sc = nld_f32(A->scale + cb), sh = nld_f32(A->shift + cb);                                                \
+    vf z0 = nrnd(y0 * sc + sh, bf), z1 = z0, z2 = z0, z3 = z0;                                                 \
+    if (mode) { z1 = nrnd(y1 * sc + sh, bf); z2 = nrnd(y2 * sc + sh, bf); z3 = nrnd(y3 * sc + sh, bf); }
 /* gz0..gz3: the gradient at each window element's z, from the output's gradient (mode 1: routed by the window
  * choice the forward stored, which is 4, routing nowhere, where the ReLU gave 0) */
 #define BN_WINDOW_GZ                                                                                           \
-    v16 gv = ld(A->g, o, bf), zero = {0}, gz0, gz1 = zero, gz2 = zero, gz3 = zero;                             \
+    vf gv = nld(A->g, o, bf), zero = {0}, gz0, gz1 = zero, gz2 = zero, gz3 = zero;                             \
     if (mode == 1) {                                                                                           \
-        i16v k = ld_idx(A->idx + o);                                                                           \
-        gz0 = route(gv, k, 0); gz1 = route(gv, k, 1); gz2 = route(gv, k, 2); gz3 = route(gv, k, 3);            \
+        vi k = nld_idx(A->idx + o);                                                                           \
+        gz0 = nroute(gv, k, 0); gz1 = nroute(gv, k, 1); gz2 = nroute(gv, k, 2); gz3 = nroute(gv, k, 3);            \
     } else {                                                                                                   \
         BN_WINDOW_Z                                                                                            \
         if (mode == 2) gv = gv * 0.25f;                                                                        \
-        gz0 = sel(z0 > zero, gv, zero);                                                                        \
-        if (mode == 2) { gz1 = sel(z1 > zero, gv, zero); gz2 = sel(z2 > zero, gv, zero);                       \
-                         gz3 = sel(z3 > zero, gv, zero); }                                                     \
+        gz0 = nsel(z0 > zero, gv, zero);                                                                        \
+        if (mode == 2) { gz1 = nsel(z1 > zero, gv, zero); gz2 = nsel(z2 > zero, gv, zero);                       \
+                         gz3 = nsel(z3 > zero, gv, zero); }                                                     \
     }
 #define BN_CALL(f, ...)                                                                                        \
     switch (bf * 3 + mode) {                                                                                   \
@@ -582,37 +630,24 @@ typedef struct {
 
 static int bn_unsupported(int H, int W, int C, int mode) { return C % 16 || C > MAX_BN_C || (mode && (H % 2 || W % 2)); }
 
-/* Mode 1's window: relu(max z) out; into idx the choice (0..3, or 4 where the ReLU gives 0), into ymax the chosen
- * element's y */
-ALWAYS_INLINE v16 maxpool_relu_window(v16 y0, v16 y1, v16 y2, v16 y3, v16 z0, v16 z1, v16 z2, v16 z3, uint8_t* idx,
-                                      v16* ymax) {
-    i16v k, four = {0}; four += 4;
-    v16 m = argmax4(z0, z1, z2, z3, &k), zero = {0};
-    st_idx(idx, seli(m > zero, k, four));
-    v16 yk = sel(k == four - 3, y1, y0);
-    yk = sel(k == four - 2, y2, yk);
-    *ymax = sel(k == four - 1, y3, yk);
-    return relu16(m);
-}
-
 /* out = the mode's pool and ReLU of z = y * scale + shift (scale = gamma / sigma, shift = beta - mean * scale);
  * mode 1 also stores each window's choice in idx (0..3, or 4 where the ReLU gives 0) and the chosen y in ymax,
  * all the backward's sums need there (so they read a quarter of what they would from y) */
 ALWAYS_INLINE void bn_fwd_row(const BnArgs* A, long r, const int bf, const int mode) {
     BN_GEOMETRY
     for (int j = 0; j < Wo; j++)
-        for (int cb = 0; cb < C; cb += 16) {
+        for (int cb = 0; cb < C; cb += VL) {
             BN_WINDOW_Y
             BN_WINDOW_Z
-            v16 v;
-            if (mode == 0) v = relu16(z0);
+            vf v;
+            if (mode == 0) v = nrelu(z0);
             else if (mode == 1) {
-                v16 ym;
-                v = maxpool_relu_window(y0, y1, y2, y3, z0, z1, z2, z3, A->idx + o, &ym);
-                st(A->ymax, o, ym, bf);
+                vf ym;
+                v = nmaxpool_relu_window(y0, y1, y2, y3, z0, z1, z2, z3, A->idx + o, &ym);
+                nst(A->ymax, o, ym, bf);
             }
-            else v = (((relu16(z0) + relu16(z1)) + relu16(z2)) + relu16(z3)) * 0.25f;   /* ATen's order */
-            st(A->out, o, v, bf);
+            else v = (((nrelu(z0) + nrelu(z1)) + nrelu(z2)) + nrelu(z3)) * 0.25f;   /* ATen's order */
+            nst(A->out, o, v, bf);
         }
 }
 
@@ -626,28 +661,28 @@ static void bn_act_fwd(const void* y, int bf, int N, int H, int W, int C, const 
 }
 
 /* BN's backward needs two per-channel sums of gz: sum gz and sum gz * (y - mean). One output row's, in f32,
- * added to a1, a2 (C / 16 vectors each). */
-ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, v16* a1, v16* a2, const int bf, const int mode) {
+ * added to a1, a2 (C / VL vectors each). */
+ALWAYS_INLINE void bn_sums_row(const BnArgs* A, long r, vf* a1, vf* a2, const int bf, const int mode) {
     BN_GEOMETRY
     if (mode == 1) {                                      /* one element per window: the stored choice */
         for (int j = 0; j < Wo; j++)
-            for (int cb = 0; cb < C; cb += 16) {
+            for (int cb = 0; cb < C; cb += VL) {
                 long o = (r * Wo + j) * C + cb;
-                i16v k = ld_idx(A->idx + o), four = {0}; four += 4;
-                v16 zero = {0}, gm = sel(k != four, ld(A->g, o, bf), zero), mu = ld_f32(A->mean + cb);
-                a1[cb / 16] += gm;
-                a2[cb / 16] += gm * (ld(A->ymax, o, bf) - mu);
+                vi k = nld_idx(A->idx + o), four = {0}; four += 4;
+                vf zero = {0}, gm = nsel(k != four, nld(A->g, o, bf), zero), mu = nld_f32(A->mean + cb);
+                a1[cb / VL] += gm;
+                a2[cb / VL] += gm * (nld(A->ymax, o, bf) - mu);
             }
         (void)row0;
         return;
     }
     for (int j = 0; j < Wo; j++)
-        for (int cb = 0; cb < C; cb += 16) {
+        for (int cb = 0; cb < C; cb += VL) {
             BN_WINDOW_Y
             BN_WINDOW_GZ
-            v16 mu = ld_f32(A->mean + cb);
-            a1[cb / 16] += ((gz0 + gz1) + gz2) + gz3;
-            a2[cb / 16] += gz0 * (y0 - mu) + gz1 * (y1 - mu) + gz2 * (y2 - mu) + gz3 * (y3 - mu);
+            vf mu = nld_f32(A->mean + cb);
+            a1[cb / VL] += ((gz0 + gz1) + gz2) + gz3;
+            a2[cb / VL] += gz0 * (y0 - mu) + gz1 * (y1 - mu) + gz2 * (y2 - mu) + gz3 * (y3 - mu);
         }
 }
 
@@ -659,22 +694,22 @@ static void bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, c
     BnArgs a = {.y = y, .H = H, .W = W, .C = C, .scale = scale, .shift = shift, .mean = mean,
                 .idx = (uint8_t*)idx, .ymax = (void*)ymax, .g = g};
     long R = (long)N * (mode ? H / 2 : H);
-    int CB = C / 16;
+    int CB = C / VL;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         double* s1 = part + (long)t * 2 * C; double* s2 = s1 + C;
         for (int q = 0; q < C; q++) s1[q] = s2[q] = 0.0;
-        v16 a1[MAX_BN_C / 16], a2[MAX_BN_C / 16];
+        vf a1[MAX_BN_C / VL], a2[MAX_BN_C / VL];
         int Wo = mode ? W / 2 : W, held = 0;              /* windows summed in f32 since the last flush */
         long r1 = R * (t + 1) / T;
         for (long r = R * t / T; r < r1; r++) {
             if (held == 0)
-                for (int q = 0; q < CB; q++) { v16 zero = {0}; a1[q] = a2[q] = zero; }
+                for (int q = 0; q < CB; q++) { vf zero = {0}; a1[q] = a2[q] = zero; }
             BN_CALL(bn_sums_row, &a, r, a1, a2)
             held += Wo;
             if (held >= 64 || r == r1 - 1) {              /* into double every 64 windows or more: f32 holds */
                 for (int q = 0; q < CB; q++)
-                    for (int l = 0; l < 16; l++) { s1[q * 16 + l] += a1[q][l]; s2[q * 16 + l] += a2[q][l]; }
+                    for (int l = 0; l < VL; l++) { s1[q * VL + l] += a1[q][l]; s2[q * VL + l] += a2[q][l]; }
                 held = 0;
             }
         }
@@ -686,15 +721,15 @@ static void bn_act_bwd_sums(const void* y, int bf, int N, int H, int W, int C, c
 ALWAYS_INLINE void bn_dx_row(const BnArgs* A, long r, const int bf, const int mode) {
     BN_GEOMETRY
     for (int j = 0; j < Wo; j++)
-        for (int cb = 0; cb < C; cb += 16) {
+        for (int cb = 0; cb < C; cb += VL) {
             BN_WINDOW_Y
             BN_WINDOW_GZ
-            v16 sc = ld_f32(A->scale + cb), mu = ld_f32(A->mean + cb), bv = ld_f32(A->b + cb), cv = ld_f32(A->c + cb);
-            st(A->dy, i00, sc * gz0 + bv * (y0 - mu) + cv, bf);
+            vf sc = nld_f32(A->scale + cb), mu = nld_f32(A->mean + cb), bv = nld_f32(A->b + cb), cv = nld_f32(A->c + cb);
+            nst(A->dy, i00, sc * gz0 + bv * (y0 - mu) + cv, bf);
             if (mode) {
-                st(A->dy, i00 + C, sc * gz1 + bv * (y1 - mu) + cv, bf);
-                st(A->dy, i10, sc * gz2 + bv * (y2 - mu) + cv, bf);
-                st(A->dy, i10 + C, sc * gz3 + bv * (y3 - mu) + cv, bf);
+                nst(A->dy, i00 + C, sc * gz1 + bv * (y1 - mu) + cv, bf);
+                nst(A->dy, i10, sc * gz2 + bv * (y2 - mu) + cv, bf);
+                nst(A->dy, i10 + C, sc * gz3 + bv * (y3 - mu) + cv, bf);
             }
         }
 }
