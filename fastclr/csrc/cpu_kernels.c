@@ -192,26 +192,26 @@ int conv1_pool_relu_fwd(const float* x, int N, int H, int W, const float* taps, 
     for (int n = 0; n < N; n++) {
         float xp[(MAX_HW + 2) * (MAX_HW + 2)];
         pad_normalised(x + (long)n * H * W, H, W, mean, inv_std, xp);
-        v16 zero = {0};
-        for (int cb = 0; cb < C; cb += 16) {
-            v16 w[9];
-            for (int t = 0; t < 9; t++) w[t] = ld_f32(taps + t * C + cb);
-            v16 b = ld_f32(bias + cb);
+        vf zero = {0};
+        for (int cb = 0; cb < C; cb += VL) {
+            vf w[9];
+            for (int t = 0; t < 9; t++) w[t] = nld_f32(taps + t * C + cb);
+            vf b = nld_f32(bias + cb);
             for (int i = 0; i < H2; i++)
                 for (int j = 0; j < W2; j++) {
                     const float* p = xp + 2 * i * WP + 2 * j;   /* top-left of the 4x4 patch */
-                    v16 a0 = zero, a1 = zero, a2 = zero, a3 = zero;   /* the window's four conv outputs */
+                    vf a0 = zero, a1 = zero, a2 = zero, a3 = zero;   /* the window's four conv outputs */
                     for (int ty = 0; ty < 3; ty++)
                         for (int tx = 0; tx < 3; tx++) {
-                            v16 wv = w[ty * 3 + tx];
+                            vf wv = w[ty * 3 + tx];
                             const float* q = p + ty * WP + tx;
                             a0 += wv * q[0]; a1 += wv * q[1]; a2 += wv * q[WP]; a3 += wv * q[WP + 1];
                         }
-                    i16v k;
-                    v16 m = argmax4(a0, a1, a2, a3, &k) + b;
+                    vi k;
+                    vf m = nargmax4(a0, a1, a2, a3, &k) + b;
                     long o = (((long)n * H2 + i) * W2 + j) * C + cb;
-                    st(out, o, sel(m > zero, m, zero), out_bf);
-                    st_idx(idx + o, k);
+                    nst(out, o, nsel(m > zero, m, zero), out_bf);
+                    nst_idx(idx + o, k);
                 }
         }
     }
@@ -224,12 +224,12 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
                         const void* g, int g_bf, const void* out, int out_bf, const uint8_t* idx,
                         float* gtaps, float* gbias, int T) {
     if (H > MAX_HW || W > MAX_HW || C % 16 || C > MAX_C) return -1;
-    int H2 = H / 2, W2 = W / 2, WP = W + 2, CB = C / 16;
+    int H2 = H / 2, W2 = W / 2, WP = W + 2, CB = C / VL;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         int n0 = (int)((long)N * t / T), n1 = (int)((long)N * (t + 1) / T);
         float xp[(MAX_HW + 2) * (MAX_HW + 2)];
-        v16 zero = {0}, acc[MAX_C / 16][9], accb[MAX_C / 16];
+        vf zero = {0}, acc[MAX_C / VL][9], accb[MAX_C / VL];
         for (int cb = 0; cb < CB; cb++) {
             accb[cb] = zero;
             for (int q = 0; q < 9; q++) acc[cb][q] = zero;
@@ -240,12 +240,12 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
                 for (int j = 0; j < W2; j++) {
                     const float* p = xp + 2 * i * WP + 2 * j;
                     for (int cb = 0; cb < CB; cb++) {
-                        long o = (((long)n * H2 + i) * W2 + j) * C + cb * 16;
-                        v16 gv = ld(g, o, g_bf);
-                        gv = sel(ld(out, o, out_bf) > zero, gv, zero);
+                        long o = (((long)n * H2 + i) * W2 + j) * C + cb * VL;
+                        vf gv = nld(g, o, g_bf);
+                        gv = nsel(nld(out, o, out_bf) > zero, gv, zero);
                         accb[cb] += gv;
-                        i16v k = ld_idx(idx + o);
-                        v16 g0 = route(gv, k, 0), g1 = route(gv, k, 1), g2 = route(gv, k, 2), g3 = route(gv, k, 3);
+                        vi k = nld_idx(idx + o);
+                        vf g0 = nroute(gv, k, 0), g1 = nroute(gv, k, 1), g2 = nroute(gv, k, 2), g3 = nroute(gv, k, 3);
                         for (int ty = 0; ty < 3; ty++)
                             for (int tx = 0; tx < 3; tx++) {
                                 const float* q = p + ty * WP + tx;
@@ -255,8 +255,8 @@ int conv1_pool_relu_bwd(const float* x, int N, int H, int W, int C, float mean, 
                 }
         }
         for (int cb = 0; cb < CB; cb++) {
-            for (int q = 0; q < 9; q++) st_f32(gtaps + ((long)t * 9 + q) * C + cb * 16, acc[cb][q]);
-            st_f32(gbias + (long)t * C + cb * 16, accb[cb]);
+            for (int q = 0; q < 9; q++) nst_f32(gtaps + ((long)t * 9 + q) * C + cb * VL, acc[cb][q]);
+            nst_f32(gbias + (long)t * C + cb * VL, accb[cb]);
         }
     }
     return 0;
