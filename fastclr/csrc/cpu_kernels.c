@@ -24,7 +24,7 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -380,6 +380,42 @@ void warp_sample(const float* x, int B, int C, int Hin, int Win, int H, int W, c
                 __m512 bot = _mm512_fmadd_ps(ex, _mm512_sub_ps(p11, p10), p10);
                 __m512 v = _mm512_fmadd_ps(ey, _mm512_sub_ps(bot, top), top);
                 _mm512_mask_storeu_ps(out + ((b * C + c) * (long)H + h) * W + w, live, _mm512_mul_ps(v, wv));
+            }
+        }
+#elif defined(__AVX2__)
+        /* the same 8 pixels at a time (AVX2 has gathers, not mask registers: the masks are lanes of all ones) */
+        for (; w + 8 <= W; w += 8) {
+            __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+            __m256 ix = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(gx + w), one), _mm256_set1_ps(0.5f * (float)(Win - 1)));
+            __m256 iy = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(gy + w), one), _mm256_set1_ps(0.5f * (float)(Hin - 1)));
+            ix = _mm256_min_ps(_mm256_max_ps(ix, _mm256_set1_ps(lox)), _mm256_set1_ps(hix));
+            iy = _mm256_min_ps(_mm256_max_ps(iy, _mm256_set1_ps(loy)), _mm256_set1_ps(hiy));
+            __m256 fx = _mm256_floor_ps(ix), fy = _mm256_floor_ps(iy);
+            __m256 ex = _mm256_sub_ps(ix, fx), ey = _mm256_sub_ps(iy, fy);
+            __m256i x0 = _mm256_cvttps_epi32(fx), y0 = _mm256_cvttps_epi32(fy);
+            __m256i i1 = _mm256_set1_epi32(1), x1 = _mm256_add_epi32(x0, i1), y1 = _mm256_add_epi32(y0, i1);
+            __m256i lo = _mm256_set1_epi32(-1), wend = _mm256_set1_epi32(Win), hend = _mm256_set1_epi32(Hin);
+            /* in range: -1 < i < n */
+            __m256i vx0 = _mm256_and_si256(_mm256_cmpgt_epi32(x0, lo), _mm256_cmpgt_epi32(wend, x0));
+            __m256i vx1 = _mm256_and_si256(_mm256_cmpgt_epi32(x1, lo), _mm256_cmpgt_epi32(wend, x1));
+            __m256i vy0 = _mm256_and_si256(_mm256_cmpgt_epi32(y0, lo), _mm256_cmpgt_epi32(hend, y0));
+            __m256i vy1 = _mm256_and_si256(_mm256_cmpgt_epi32(y1, lo), _mm256_cmpgt_epi32(hend, y1));
+            __m256 m00 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx0)), m01 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx1));
+            __m256 m10 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx0)), m11 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx1));
+            __m256i r0 = _mm256_mullo_epi32(y0, wend), r1 = _mm256_mullo_epi32(y1, wend);
+            __m256i a00 = _mm256_add_epi32(r0, x0), a01 = _mm256_add_epi32(r0, x1);
+            __m256i a10 = _mm256_add_epi32(r1, x0), a11 = _mm256_add_epi32(r1, x1);
+            __m256 wv = _mm256_loadu_ps(wt + w);
+            for (int c = 0; c < C; c++) {
+                const float* img = x + (b * C + c) * (long)Hin * Win;
+                __m256 p00 = _mm256_mask_i32gather_ps(zero, img, a00, m00, 4);
+                __m256 p01 = _mm256_mask_i32gather_ps(zero, img, a01, m01, 4);
+                __m256 p10 = _mm256_mask_i32gather_ps(zero, img, a10, m10, 4);
+                __m256 p11 = _mm256_mask_i32gather_ps(zero, img, a11, m11, 4);
+                __m256 top = _mm256_fmadd_ps(ex, _mm256_sub_ps(p01, p00), p00);     /* (1 - ex) p00 + ex p01 */
+                __m256 bot = _mm256_fmadd_ps(ex, _mm256_sub_ps(p11, p10), p10);
+                __m256 v = _mm256_fmadd_ps(ey, _mm256_sub_ps(bot, top), top);
+                _mm256_storeu_ps(out + ((b * C + c) * (long)H + h) * W + w, _mm256_mul_ps(v, wv));
             }
         }
 #endif
