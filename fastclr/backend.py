@@ -223,6 +223,8 @@ class Runtime:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc mallopt() parameters
+# the mmap thresholds tried in turn: glibc versions that cap it at half their 64 MiB heap size refuse the first
+_MMAP_THRESHOLDS = (256 << 20, 32 << 20)
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,10 +232,11 @@ def keep_cpu_memory_mapped() -> bool:
     """Stop glibc returning freed activation memory to the OS between training steps (Linux/glibc only).
 
     Why it is faster: a CPU step allocates and frees multi-MB activations (the tutorial net's first conv
-    output is 6.4 MB at batch 128); by default glibc serves them with fresh mmap()s or trims them off the heap
-    when freed, so every step page-faults its activations in again. With the mmap threshold at its 32 MB
-    maximum and trimming above 512 MB they stay in the heap (timings: docs/design.md, "Measurements behind
-    the code"). The cost: the process keeps up to 512 MB of freed memory.
+    output is 6.4 MB at batch 128; the cnn's on 3 x 32 x 32 colour views in f32 is 32 MiB); by default glibc
+    serves them with fresh mmap()s or trims them off the heap when freed, so every step page-faults its
+    activations in again. With the mmap threshold at 256 MiB (32 MiB where glibc refuses more: at 32 MiB the
+    colour step still faulted ~8,000 pages in) and trimming above 512 MB they stay in the heap (timings:
+    docs/design.md, "Measurements behind the code"). The cost: the process keeps up to 512 MB of freed memory.
     ``FASTCLR_MALLOC_TUNING=0`` switches it off. Returns whether it is on.
     """
     if os.environ.get("FASTCLR_MALLOC_TUNING", "1") == "0":
@@ -242,7 +245,8 @@ def keep_cpu_memory_mapped() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20))
+        mapped = any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
+        return mapped and bool(libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20))
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
         return False
 
