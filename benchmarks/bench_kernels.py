@@ -1,4 +1,5 @@
-"""fastclr.kernels against the PyTorch layers they replace, forward + backward, bf16 channels_last, CPU."""
+"""fastclr.kernels against the PyTorch layers they replace, forward + backward, CPU: bf16 channels_last, and bn_act
+in f32 too (the step's dtype on CPUs without native bf16)."""
 import pytest
 import torch
 import torch.nn.functional as F
