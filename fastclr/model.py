@@ -96,7 +96,9 @@ def _resnet18_body(width: int, embed_dim: int, in_channels: int, image_size: tup
     a 3x3 stride-1 stem without the max-pool (the ImageNet stem's 7x7 stride 2 and pool would leave a 32 px image
     1 x 1 after the last stage), four stages of two basic blocks at 2w, 4w, 8w, 16w channels (w = ``width``: the
     default 32 is the standard 64 to 512), strides 1, 2, 2, 2, and a global average pool. The representation is
-    the pooled 16w features, as in SimCLR; ``embed_dim`` does not apply."""
+    the pooled 16w features, as in SimCLR; ``embed_dim`` does not apply. Train it on a CPU with ``width`` >= 8: with
+    fewer than 16 input channels to a strided 1x1 shortcut, oneDNN's channels_last weight gradient for it can hang
+    or crash (oneDNN issue 6035)."""
     if min(image_size) < 8:
         raise FastclrError(f"resnet18 needs images of at least 8x8 pixels, got {image_size[0]}x{image_size[1]}")
     c = [2 * width, 4 * width, 8 * width, 16 * width]
