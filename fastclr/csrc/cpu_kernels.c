@@ -35,7 +35,7 @@ typedef uint16_t h16v __attribute__((vector_size(32)));
 typedef uint8_t b16v __attribute__((vector_size(16)));
 
 /* The native vector: one register of VL floats. The memory-bound kernels (bn_act, pool_relu), which run in every
- * CPU training step, use it. Why not 16 lanes everywhere: without AVX-512, GCC lowers a 16-lane vector's
+ * CPU training step, and the tutorial net's first block use it. Why not 16 lanes everywhere: without AVX-512, GCC lowers a 16-lane vector's
  * arithmetic to two registers but each of its comparisons to 16 scalar compares and branches (bn_act's forward ran
  * at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and the weight-gradient kernels, whose data
  * layouts are built around 16 lanes, run fast only with AVX512-BF16 and keep the 16-lane type. */
@@ -54,8 +54,8 @@ typedef uint8_t vb __attribute__((vector_size(8)));
 #define MAX_HW 64      /* conv kernel: largest image side (its padded copy lives on the stack) */
 #define MAX_C 64       /* conv kernel: most output channels (its gradient accumulators live on the stack) */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-/* The element-wise helpers, written once for a vector type V of N lanes (I, U: int32 and uint32 lanes; H: uint16;
- * B: uint8), their names prefixed with P: instantiated for v16 (no prefix) and for the native vf (prefix n).
+/* The element-wise helpers, written once for a vector type V of floats (I, U: as many int32 and uint32 lanes; H:
+ * uint16; B: uint8), their names prefixed with P: instantiated for v16 (no prefix) and for the native vf (prefix n).
  * bf16 is read and written as the upper 16 bits of an f32 (round to nearest even on the way out). */
 #define VECTOR_OPS(P, V, I, U, H, B)                                                                              \
 static inline V P##ld_f32(const float* p) { V v; memcpy(&v, p, sizeof v); return v; }                           \
