@@ -35,9 +35,9 @@ typedef uint16_t h16v __attribute__((vector_size(32)));
 typedef uint8_t b16v __attribute__((vector_size(16)));
 
 /* The native vector: one register of VL floats. The memory-bound kernels (bn_act, pool_relu), which run in every
- * CPU training step, and the tutorial net's first block use it. Why not 16 lanes everywhere: without AVX-512, GCC lowers a 16-lane vector's
- * arithmetic to two registers but each of its comparisons to 16 scalar compares and branches (bn_act's forward ran
- * at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and the weight-gradient kernels, whose data
+ * CPU training step, and the tutorial net's first block use it. Why not 16 lanes everywhere: without AVX-512, GCC
+ * lowers a 16-lane vector's arithmetic to two registers but each of its comparisons to 16 scalar compares and
+ * branches (bn_act's forward ran at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and the weight-gradient kernels, whose data
  * layouts are built around 16 lanes, run fast only with AVX512-BF16 and keep the 16-lane type. */
 #ifdef __AVX512F__
 #define VL 16
@@ -400,8 +400,10 @@ void warp_sample(const float* x, int B, int C, int Hin, int Win, int H, int W, c
             __m256i vx1 = _mm256_and_si256(_mm256_cmpgt_epi32(x1, lo), _mm256_cmpgt_epi32(wend, x1));
             __m256i vy0 = _mm256_and_si256(_mm256_cmpgt_epi32(y0, lo), _mm256_cmpgt_epi32(hend, y0));
             __m256i vy1 = _mm256_and_si256(_mm256_cmpgt_epi32(y1, lo), _mm256_cmpgt_epi32(hend, y1));
-            __m256 m00 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx0)), m01 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx1));
-            __m256 m10 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx0)), m11 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx1));
+            __m256 m00 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx0));
+            __m256 m01 = _mm256_castsi256_ps(_mm256_and_si256(vy0, vx1));
+            __m256 m10 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx0));
+            __m256 m11 = _mm256_castsi256_ps(_mm256_and_si256(vy1, vx1));
             __m256i r0 = _mm256_mullo_epi32(y0, wend), r1 = _mm256_mullo_epi32(y1, wend);
             __m256i a00 = _mm256_add_epi32(r0, x0), a01 = _mm256_add_epi32(r0, x1);
             __m256i a10 = _mm256_add_epi32(r1, x0), a11 = _mm256_add_epi32(r1, x1);
