@@ -18,12 +18,13 @@ from fastclr.checkpoint import read_checkpoint
 from fastclr.train import train
 
 SMALL = ["--width", "8", "--embed-dim", "16", "--proj-hidden", "32", "--proj-dim", "8", "--batch-size", "64",
-         "--train-subset", "4096", "--no-eval", "--checkpoint-every", "10"]
-# the check for each loader: 2-3 epochs of 64 (device) or 32 (torchvision, whose per-image transforms in
-# this process are the slow part) steps, a checkpoint every 10 steps
+         "--train-subset", "2048", "--no-eval", "--checkpoint-every", "10"]
+# each loader: 2-3 epochs of 32 (device) or 16 (torchvision, whose per-image transforms in this process are the
+# slow part) steps, a checkpoint every 10 steps, so the kill lands mid-epoch and the resumed run crosses epochs.
+# (64 and 32 steps an epoch took 2.5 of make test's 10 minutes on a 2-core Zen 3, for the same checks.)
 LOADERS = {"device": ["--loader", "device", "--epochs", "3", "--seed", "5"],
            "torchvision": ["--loader", "torchvision", "--workers", "0", "--epochs", "2", "--seed", "3",
-                           "--train-subset", "2048"]}
+                           "--train-subset", "1024"]}
 
 
 def start(mnist_root, out, loader, *extra):
