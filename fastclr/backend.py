@@ -184,6 +184,7 @@ class Runtime:
     tsne_backend: str
     probe_backend: str
     fused_optimizer: bool = False  # AdamW(fused=True)
+    compile_mode: str = "default"  # torch.compile's mode where ``compile``
     cpu_kernels: bool = False      # fastclr.kernels for the encoders' pool/ReLU (and the tutorial's first block)
 
     def autocast(self):
@@ -204,12 +205,17 @@ class Runtime:
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
             "amp_note": self.amp_note,
             "compile": self.compile,
+            "compile_mode": self.compile_mode if self.compile else None,
             "knn_backend": self.knn_backend,
             "tsne_backend": self.tsne_backend,
             "probe_backend": self.probe_backend,
             "fused_optimizer": self.fused_optimizer,
             "cpu_kernels": self.cpu_kernels,
         }
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under torch.compile in this runtime's mode, or itself where compile is off."""
+        return torch.compile(module, mode=self.compile_mode) if self.compile else module
 
     def optimizer(self, params, lr: float, weight_decay: float, capturable: bool = False) -> torch.optim.AdamW:
         """AdamW, fused where this device supports it. ``capturable``: safe to capture in a CUDA graph (step
@@ -272,7 +278,8 @@ def resolve_cpu_kernels(device: torch.device) -> bool:
 
 def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool = False,
                  knn_backend: str | None = None, tsne_backend: str | None = None,
-                 probe_backend: str | None = None, deterministic: bool = False) -> Runtime:
+                 probe_backend: str | None = None, deterministic: bool = False,
+                 compile_mode: str = "default") -> Runtime:
     if deterministic:
         set_deterministic(True)
     dev = resolve_device(device)
@@ -285,7 +292,7 @@ def make_runtime(device: str | None = "auto", amp: bool = False, compile: bool =
         warnings.warn("--compile asked for but torch.compile is not usable here; running eager")
         use_compile = False
     return Runtime(
-        device=dev, amp_dtype=amp_dtype, amp_note=note, compile=use_compile,
+        device=dev, amp_dtype=amp_dtype, amp_note=note, compile=use_compile, compile_mode=compile_mode,
         knn_backend=resolve_knn_backend(knn_backend, dev),
         tsne_backend=resolve_tsne_backend(tsne_backend, dev),
         probe_backend=resolve_probe_backend(probe_backend),

@@ -201,6 +201,9 @@ class TrainConfig:
                               "native bf16 instructions, fp32 on other CPUs (fastclr.backend decides; --no-amp: fp32 "
                               "everywhere)", FREE)
     compile: bool = setting(False, "torch.compile the model", FREE)
+    compile_mode: str = setting("default", "torch.compile's mode with --compile: reduce-overhead adds CUDA graphs "
+                                           "made by torch.compile (the measured alternative to --cuda-graph)", FREE,
+                                choices=["default", "reduce-overhead", "max-autotune"])
     cuda_graph: bool = setting(False, "capture the training step as a CUDA graph and replay it (CUDA, one process, "
                                       "bf16 or fp32; fastclr.capture): one launch per step instead of hundreds", FIXED)
     channels_last: bool = setting(True, "channels_last memory format for the convolutions (faster with "
@@ -292,6 +295,8 @@ class TrainConfig:
                 _check_bounds(f, v)
             if isinstance(value, tuple) and not (len(value) == 2 and value[0] <= value[1]):
                 raise FastclrError(f"{_flag(f.name)} must be a (min, max) pair with min <= max, got {value}")
+        if self.compile_mode != "default" and not self.compile:
+            raise FastclrError(f"--compile-mode {self.compile_mode} is torch.compile's mode: add --compile")
 
 
 def leaf_fields(cls: type | None = None) -> list[dataclasses.Field]:

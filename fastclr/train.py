@@ -174,7 +174,7 @@ def build_training(cfg: TrainConfig, runtime: backend.Runtime, total_steps: int,
                   runtime, cfg.channels_last)
     if ckpt is not None:
         restore_training(tr, ckpt)
-    tr.net = torch.compile(model) if runtime.compile else model
+    tr.net = runtime.compiled(model)
     if world_size > 1:
         tr.net = torch.nn.parallel.DistributedDataParallel(
             tr.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
@@ -344,6 +344,8 @@ class Trainer:
         self.t_start = t_start            # --target-knn's clock: data loading, training and k-NN checks all count
         self.total_steps, self.epochs = total_steps(cfg, len(pairs)), epochs_planned(cfg, len(pairs))
         self.clock, self.pending, self.stop = Clock(state, tr.runtime.device), [], StopRequested()
+        self.marks: list[tuple[int, float]] = []   # (steps this process ran, training seconds) at each loss read
+        self.first_step = state.step
 
     def fit(self) -> str:
         """Train from ``state`` on; returns why it ended: "done" (all steps), "target" (--target-knn reached) or
@@ -413,11 +415,20 @@ class Trainer:
                 f"{cfg.temperature} too low or lr {cfg.lr} too high"
                 + (" or fp16 overflow (try bf16 or no --amp)" if self.tr.runtime.needs_grad_scaler else ""))
         self.state.losses.extend(vals)
+        self.marks.append((self.state.step - self.first_step, self.clock.elapsed()))  # the read synced the steps
         bar.update(len(vals))
         bar.set_postfix(loss=f"{vals[-1]:.4f}", img_s=f"{self.images_per_second(self.clock.elapsed()):.0f}")
 
     def images_per_second(self, seconds: float) -> float:
-        return 2 * self.cfg.batch_size * self.d.world_size * self.state.step / max(seconds, 1e-9)
+        return self.images_per_step() * self.state.step / max(seconds, 1e-9)
+
+    def images_per_step(self) -> int:
+        return 2 * self.cfg.batch_size * self.d.world_size
+
+    def steady_state(self) -> dict:
+        """Images/s over the steady-state steps (``steady_images_per_second``) and the steps they span."""
+        rate, span = steady_images_per_second(self.marks, self.images_per_step())
+        return {"steady_images_per_second": rate, "steady_state_steps": span}
 
     def knn_check(self) -> bool:
         """Full-test-set k-NN (the cheap part of the evaluation) for --target-knn; True once reached."""
@@ -440,6 +451,25 @@ class Trainer:
                              self.out / "checkpoint.pt")
 
 
+# Steps left out of the steady-state figure: --cuda-graph's 3 eager warm-up steps and its capture, torch.compile's
+# first call (and reduce-overhead's CUDA-graph warm-up and recording calls after it), loss_impl auto's one-time
+# timing and the first augmentation block's allocations all fall in the first few steps. At 300,000 images/s an
+# MNIST epoch is 0.4 s, so these would dominate a whole-epoch average.
+STEADY_AFTER_STEPS = 20
+
+
+def steady_images_per_second(marks: list[tuple[int, float]], images_per_step: int,
+                             after: int = STEADY_AFTER_STEPS) -> tuple[float | None, list[int] | None]:
+    """Images/s between the first mark at or after step ``after`` and the last mark, and those two steps;
+    (None, None) with fewer than two such marks. ``marks``: (steps run, training seconds) at each read of the
+    losses, where the device has finished every step before it."""
+    late = [(s, t) for s, t in marks if s >= after]
+    if len(late) < 2 or late[-1][1] <= late[0][1]:
+        return None, None
+    (s0, t0), (s1, t1) = late[0], late[-1]
+    return images_per_step * (s1 - s0) / (t1 - t0), [s0, s1]
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """The run's optimiser steps (the schedule's length): --steps, else every epoch's; --max-steps where that is
     fewer."""
@@ -455,7 +485,7 @@ def epochs_planned(cfg: TrainConfig, steps_per_epoch: int) -> int:
 def setup_runtime(cfg: TrainConfig) -> tuple[backend.Runtime, Dist]:
     """The Runtime (fastclr.backend decides) and this process's place in a torchrun group."""
     runtime = backend.make_runtime(cfg.device, cfg.amp, cfg.compile, cfg.knn_backend, cfg.tsne_backend,
-                                   cfg.probe_backend, cfg.deterministic)
+                                   cfg.probe_backend, cfg.deterministic, cfg.compile_mode)
     d = init_distributed(runtime)
     if runtime.device.type == "cuda" and d.world_size > 1:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
@@ -514,6 +544,7 @@ def finish_run(trainer: Trainer, reached: bool, startup_seconds: float, log=prin
         "epochs": trainer.epochs, "steps": state.step, "train_seconds": state.train_seconds,
         "train_images_per_second": trainer.images_per_second(state.train_seconds),
         "final_loss": float(np.mean(state.losses[-min(len(state.losses), cfg.log_every):])) if state.losses else None,
+        **trainer.steady_state(),
         "world_size": trainer.d.world_size, "startup_seconds": startup_seconds,
     }
     history = state.knn_history
@@ -557,7 +588,10 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     if metrics and "knn_accuracy" in metrics:
         print(f"knn_accuracy {metrics['knn_accuracy']:.4f} (raw pixels {metrics.get('pixel_knn_accuracy', float('nan')):.4f}), "
-              f"{metrics['train_images_per_second']:.0f} images/s over {metrics['train_seconds']:.1f}s of training")
+              f"{metrics['train_images_per_second']:.0f} images/s over {metrics['train_seconds']:.1f}s of training"
+              + (f" ({metrics['steady_images_per_second']:.0f} at steady state, steps "
+                 f"{metrics['steady_state_steps'][0]}-{metrics['steady_state_steps'][1]})"
+                 if metrics.get("steady_images_per_second") else ""))
     return 0
 
 

@@ -28,6 +28,7 @@ def test_end_to_end_on_real_mnist(mnist_root, tmp_path):
                 "train_images_per_second", "final_loss", "config", "device", "torch_version"):
         assert key in m, key
     assert m["steps"] == 150 and m["config"]["loss_impl"] == "tiled"
+    assert m["steady_state_steps"] == [20, 150] and m["steady_images_per_second"] > 0   # losses read every 10 steps
     assert m["knn_accuracy"] > 0.95 and m["final_loss"] < 4.0
 
     # independent check: scikit-learn's own classifier on embeddings from the saved encoder
@@ -76,6 +77,7 @@ def test_seeded_runs_are_reproducible(mnist_root, tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--device", "cuda"], "no CUDA device"),
     (["--loss-impl", "fast"], "unknown"),
+    (["--compile-mode", "reduce-overhead"], "add --compile"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
@@ -84,6 +86,32 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_steady_state_rate_leaves_out_the_warm_up_steps():
+    """Marks every 10 steps: the first 20 steps took 5 s (capture, compilation), the next 40 took 0.4 s."""
+    from fastclr.train import steady_images_per_second
+
+    marks = [(10, 4.0), (20, 5.0), (30, 5.1), (40, 5.2), (50, 5.3), (60, 5.4)]
+    rate, span = steady_images_per_second(marks, images_per_step=256)
+    assert span == [20, 60] and rate == pytest.approx(256 * 40 / 0.4)
+    assert steady_images_per_second(marks[:2], 256) == (None, None)        # one mark past warm-up: no interval
+    assert steady_images_per_second(marks, 256, after=0)[0] == pytest.approx(256 * 50 / 1.4)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is handed to torch.compile by the Runtime, the one place that decides compilation."""
+    from fastclr import backend
+    from fastclr.train import build_training
+
+    seen = []
+    monkeypatch.setattr(backend, "compile_available", lambda: True)
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.append(mode) or module)
+    cfg = TrainConfig(compile=True, compile_mode="reduce-overhead", device="cpu", **FAST)
+    cfg.validate()
+    runtime = backend.make_runtime("cpu", compile=True, compile_mode=cfg.compile_mode)
+    build_training(cfg, runtime, total_steps=1)
+    assert seen == ["reduce-overhead"] and runtime.describe()["compile_mode"] == "reduce-overhead"
 
 
 SPEEDRUN_SMALL = ["--width", "4", "--embed-dim", "16", "--proj-hidden", "32", "--proj-dim", "8", "--batch-size", "64",
