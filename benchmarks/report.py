@@ -1,6 +1,6 @@
 """Summarise a pytest-benchmark JSON (default: the newest under .benchmarks/) as Markdown and a bar chart.
 
-    python -m benchmarks.report [results.json] [--out benchmarks/report] [--machine NAME]
+    python -m benchmarks.report [results.json] [--out benchmarks/report] [--machine NAME] [--runs metrics.json ...]
 
 Each group's rows carry a speed-up against the group's baseline (the row a benchmark marked with
 ``describe(..., baseline=True)``: the reference loss, Kornia's chain, ATen, scikit-learn, ...).
@@ -76,6 +76,28 @@ def summarise(data: dict) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", groups
 
 
+def runs_table(paths: list[Path]) -> str:
+    """The training runs' metrics.json files (``fastclr.train``/``fastclr.speedrun``) as one Markdown table: the
+    whole run's images/s beside the steady-state figure (warm-up, capture and compilation left out), so the two
+    ways to get CUDA graphs (--cuda-graph, --compile-mode reduce-overhead) compare on the steps that repeat."""
+    lines = ["\n## Training runs\n",
+             "| run | batch | step | steps | training s | images/s, whole run | images/s, steady state (steps) | "
+             "time to target s | k-NN |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for path in paths:
+        m = json.loads(path.read_text())
+        cfg = m.get("config", {})
+        step = ("--cuda-graph" if cfg.get("cuda_graph") else
+                f"compile {cfg.get('compile_mode', 'default')}" if cfg.get("compile") else "eager")
+        steady, span = m.get("steady_images_per_second"), m.get("steady_state_steps")
+        target, knn = m.get("time_to_target_seconds"), m.get("knn_accuracy")
+        lines.append(f"| {path.stem} | {cfg.get('batch_size', '-')} | {step} | {m['steps']} | {m['train_seconds']:.2f} | "
+                     f"{m['train_images_per_second']:,.0f} | "
+                     f"{f'{steady:,.0f} ({span[0]}-{span[1]})' if steady else '-'} | "
+                     f"{f'{target:.2f}' if target is not None else '-'} | {f'{knn:.4f}' if knn is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _bar_text(bench: dict, base: dict | None) -> str:
     if bench is base:
         return "baseline"
@@ -131,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--machine", default=None,
                    help="also write the tables and the chart to benchmarks/results/MACHINE.{md,png} (committed: "
                         "one pair per machine)")
+    p.add_argument("--runs", nargs="*", default=[],
+                   help="training runs' metrics.json files, tabled after the benchmark groups (missing ones skipped)")
     args = p.parse_args(argv)
     srcs = [Path(r) for r in args.result if Path(r).is_file()] if args.result else [newest_result()]
     if not srcs:
@@ -140,6 +164,9 @@ def main(argv=None) -> None:
         data["benchmarks"] += json.loads(extra.read_text())["benchmarks"]
     src = ", ".join(map(str, srcs))
     md, groups = summarise(data)
+    runs = [Path(r) for r in args.runs if Path(r).is_file()]
+    if runs:
+        md += runs_table(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)

@@ -3,11 +3,13 @@
 #
 #   scripts/gpu_check.sh OUT_DIR [WHEEL_DIR] [MNIST_GZ_DIR] [FASHION_GZ_DIR]
 #
-# OUT_DIR       results: device.txt, gpu_tests.log, bench-*.json/.log per stage, default/graph-b128/graph-b1024
-#               .log/.json (one MNIST epoch each), colour-graph .log/.json (one epoch of Fashion-MNIST tinted at
-#               random, 3 x 32 x 32, with FASHION_GZ_DIR), speedrun*.log/.json (the GPU recipe, without the graph,
-#               at batch 1,024), speedrun_eval.log (k-NN recomputed from the saved encoder), summary.md and
-#               throughput.png over the benchmark stages; and all of it again as OUT_DIR.tar.gz (one file to fetch)
+# OUT_DIR       results: device.txt, gpu_tests.log, bench-*.json/.log per stage, default/graph-b128/compile-ro-b128/
+#               graph-b1024 .log/.json (one MNIST epoch each; compile-ro: torch.compile's reduce-overhead mode),
+#               colour-graph .log/.json (one epoch of Fashion-MNIST tinted at random, 3 x 32 x 32, with
+#               FASHION_GZ_DIR), speedrun*.log/.json (the GPU recipe, without the graph, at batch 1,024),
+#               speedrun_eval.log (k-NN recomputed from the saved encoder), summary.md (the benchmark stages, then
+#               every run's images/s over the whole run and at steady state) and throughput.png; and all of it
+#               again as OUT_DIR.tar.gz (one file to fetch)
 # WHEEL_DIR     kornia and kornia_rs wheels, installed (no network) when kornia is missing
 # MNIST_GZ_DIR  folder of the four MNIST *-ubyte.gz files, unpacked into torchvision's layout when
 #               $FASTCLR_DATA does not already hold MNIST/raw
@@ -75,7 +77,6 @@ bench loss 70 benchmarks/bench_loss.py -k "cuda $SKIP_BIG"
 bench knn 20 benchmarks/bench_knn.py -k cuda
 bench augment 30 benchmarks/bench_augment.py -k "cuda and not torchvision"
 bench step 45 benchmarks/bench_train_step.py -k "cuda and not compiled"
-python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" > /dev/null && echo "wrote $OUT/summary.md"
 
 train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
   local name=$1; shift
@@ -83,9 +84,11 @@ train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
     | tr '\r' '\n' | grep -v "step/s" | tail -6 | tee "$OUT/$name.log"
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
 }
-echo "== one epoch: the default (batch 128, eager step, full evaluation), then the captured step at 128 and 1,024"
+echo "== one epoch: the default (batch 128, eager step, full evaluation), the captured step at 128, torch.compile's"
+echo "   CUDA graphs (reduce-overhead) at 128 beside it, and the captured step at 1,024"
 train default --epochs 1 --tsne-points 0
 train graph-b128 --epochs 1 --cuda-graph --no-eval
+TRAIN_TIMEOUT=90 train compile-ro-b128 --epochs 1 --compile --compile-mode reduce-overhead --no-eval
 train graph-b1024 --epochs 1 --cuda-graph --batch-size 1024 --lr 6e-3 --no-eval
 if [ -n "$FASHION_GZ" ]; then
   echo "== one colour epoch (Fashion-MNIST tinted at random, 3 x 32 x 32, recipe custom-color) with the captured step"
@@ -107,5 +110,8 @@ speedrun speedrun-eager --no-cuda-graph
 speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
 run_for 30 python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
 
+# the benchmark groups, then every run's images/s (whole run and steady state) in one table
+python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" --runs "$OUT"/{default,graph-b128,compile-ro-b128,graph-b1024,colour-graph,speedrun,speedrun-eager,speedrun-b1024}.json \
+  > /dev/null && echo "wrote $OUT/summary.md"
 tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed: $OUT.tar.gz"
 echo "done: $OUT"

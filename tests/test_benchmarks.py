@@ -42,6 +42,24 @@ def test_results_table_gives_mean_and_range_per_setting():
     assert sum(line.startswith("| mnist-1 |") for line in lines) == 3
 
 
+def test_runs_table_sets_the_steady_state_beside_the_whole_run(tmp_path):
+    """benchmarks.report --runs: one row per metrics.json, the step named (captured, compiled in which mode)."""
+    import json
+
+    from benchmarks.report import runs_table
+
+    base = dict(steps=468, train_seconds=2.0, train_images_per_second=59904.0)
+    (tmp_path / "graph-b128.json").write_text(json.dumps(dict(
+        base, steady_images_per_second=300000.0, steady_state_steps=[20, 468],
+        config=dict(batch_size=128, cuda_graph=True, compile=False))))
+    (tmp_path / "compile-ro-b128.json").write_text(json.dumps(dict(
+        base, steady_images_per_second=None, steady_state_steps=None, knn_accuracy=0.98,
+        config=dict(batch_size=128, cuda_graph=False, compile=True, compile_mode="reduce-overhead"))))
+    md = runs_table([tmp_path / "graph-b128.json", tmp_path / "compile-ro-b128.json"])
+    assert "| graph-b128 | 128 | --cuda-graph | 468 | 2.00 | 59,904 | 300,000 (20-468) | - | - |" in md
+    assert "| compile-ro-b128 | 128 | compile reduce-overhead | 468 | 2.00 | 59,904 | - | - | 0.9800 |" in md
+
+
 def test_lightly_settings_follow_the_recipe_and_name_what_they_cannot_express():
     from benchmarks.compare_lightly import lightly_settings
     from fastclr.config import TrainConfig
