@@ -531,31 +531,85 @@ static inline float hue_channel(float n, float six, float v, float vs) {
     return v - vs * clamp01(min2(k, 4.f - k));
 }
 
-/* One image's pixels, every step in registers; `omp simd` lets GCC vectorise the loop across pixels, the
- * selects becoming masks. */
+/* One pixel, every step in registers: the scalar form, for the pixels after the last whole vector. */
+static inline void color_pixel(const float* R, const float* G, const float* Bc, float* oR, float* oG, float* oB,
+                               int i, float fb, float fc, float m, float fs, float fh, int hue, int grey) {
+    float r = clamp01(clamp01(R[i] * fb) * fc + m);
+    float g = clamp01(clamp01(G[i] * fb) * fc + m);
+    float bl = clamp01(clamp01(Bc[i] * fb) * fc + m);
+    float l = (1.f - fs) * LUMA(r, g, bl);
+    r = clamp01(l + fs * r); g = clamp01(l + fs * g); bl = clamp01(l + fs * bl);
+    if (hue) {
+        float v = max2(r, max2(g, bl)), d = v - min2(r, min2(g, bl));
+        float s = v == 0.f ? 0.f : d / (v + 1e-8f), dd = d == 0.f ? 1.f : d;
+        float h = (r >= g && r >= bl) ? (g - bl) : (g >= bl ? (bl - r) + 2.f * dd : (r - g) + 4.f * dd);
+        float turns = h / dd * (1.f / 6.f) + fh;          /* the shifted hue, in turns */
+        turns += turns < 0.f ? 1.f : 0.f;             /* in [-2/3, 4/3): mod 1 by two selects */
+        turns -= turns >= 1.f ? 1.f : 0.f;
+        float six = turns * 6.f, vs = v * s;
+        r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
+    }
+    if (grey) r = g = bl = LUMA(r, g, bl);
+    oR[i] = r; oG[i] = g; oB[i] = bl;
+}
+
+/* The same steps on VL pixels at once, written with the native vector's selects. GCC vectorised the scalar loop
+ * under `omp simd` only with AVX-512's mask registers: on AVX2 it gave up ("control flow in loop") and ran pixel
+ * by pixel, 24.8 ms for 1,024 colour views of 32 x 32 on a 2-core Zen 3 against 2.4 ms in this form. */
+static inline vf nclamp01(vf v) { vf z = {0}; v = nsel(v < z, z, v); return nsel(v > z + 1.f, z + 1.f, v); }
+static inline vf nmax2(vf a, vf b) { return nsel(a > b, a, b); }
+static inline vf nmin2(vf a, vf b) { return nsel(a < b, a, b); }
+static inline vf nhue_channel(float n, vf six, vf v, vf vs) {
+    vf k = six + n;
+    k = nsel(k >= 6.f + (vf){0}, k - 6.f, k);
+    return v - vs * nclamp01(nmin2(k, 4.f - k));
+}
+static inline void color_vector(const float* R, const float* G, const float* Bc, float* oR, float* oG, float* oB,
+                                int i, float fb, float fc, float m, float fs, float fh, int hue, int grey) {
+    vf z = {0}, one = z + 1.f;
+    vf r = nclamp01(nclamp01(nld_f32(R + i) * fb) * fc + m);
+    vf g = nclamp01(nclamp01(nld_f32(G + i) * fb) * fc + m);
+    vf bl = nclamp01(nclamp01(nld_f32(Bc + i) * fb) * fc + m);
+    vf l = (1.f - fs) * LUMA(r, g, bl);
+    r = nclamp01(l + fs * r); g = nclamp01(l + fs * g); bl = nclamp01(l + fs * bl);
+    if (hue) {
+        vf v = nmax2(r, nmax2(g, bl)), d = v - nmin2(r, nmin2(g, bl));
+        vf s = nsel(v == z, z, d / (v + 1e-8f)), dd = nsel(d == z, one, d);
+        vf h = nsel((r >= g) & (r >= bl), g - bl, nsel(g >= bl, (bl - r) + 2.f * dd, (r - g) + 4.f * dd));
+        vf turns = h / dd * (1.f / 6.f) + fh;
+        turns += nsel(turns < z, one, z);
+        turns -= nsel(turns >= one, one, z);
+        vf six = turns * 6.f, vs = v * s;
+        r = nhue_channel(5.f, six, v, vs); g = nhue_channel(3.f, six, v, vs); bl = nhue_channel(1.f, six, v, vs);
+    }
+    if (grey) r = g = bl = LUMA(r, g, bl);
+    nst_f32(oR + i, r); nst_f32(oG + i, g); nst_f32(oB + i, bl);
+}
+
+/* One image's pixels */
 static void color_pixels(const float* restrict R, const float* restrict G, const float* restrict Bc, float* restrict oR,
                          float* restrict oG, float* restrict oB, int HW,
                          float fb, float fc, float m, float fs, float fh, int hue, int grey) {
-    #pragma omp simd
-    for (int i = 0; i < HW; i++) {
-        float r = clamp01(clamp01(R[i] * fb) * fc + m);
-        float g = clamp01(clamp01(G[i] * fb) * fc + m);
-        float bl = clamp01(clamp01(Bc[i] * fb) * fc + m);
-        float l = (1.f - fs) * LUMA(r, g, bl);
-        r = clamp01(l + fs * r); g = clamp01(l + fs * g); bl = clamp01(l + fs * bl);
-        if (hue) {
-            float v = max2(r, max2(g, bl)), d = v - min2(r, min2(g, bl));
-            float s = v == 0.f ? 0.f : d / (v + 1e-8f), dd = d == 0.f ? 1.f : d;
-            float h = (r >= g && r >= bl) ? (g - bl) : (g >= bl ? (bl - r) + 2.f * dd : (r - g) + 4.f * dd);
-            float turns = h / dd * (1.f / 6.f) + fh;          /* the shifted hue, in turns */
-            turns += turns < 0.f ? 1.f : 0.f;             /* in [-2/3, 4/3): mod 1 by two selects */
-            turns -= turns >= 1.f ? 1.f : 0.f;
-            float six = turns * 6.f, vs = v * s;
-            r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
-        }
-        if (grey) r = g = bl = LUMA(r, g, bl);
-        oR[i] = r; oG[i] = g; oB[i] = bl;
+    int i = 0;
+    for (; i + VL <= HW; i += VL) color_vector(R, G, Bc, oR, oG, oB, i, fb, fc, m, fs, fh, hue, grey);
+    for (; i < HW; i++) color_pixel(R, G, Bc, oR, oG, oB, i, fb, fc, m, fs, fh, hue, grey);
+}
+
+/* The brightened image's luma summed over its pixels (one channel: its values), in VL partial sums */
+static float brightened_sum(const float* R, const float* G, const float* Bc, int HW, float fb, int C) {
+    vf acc = {0};
+    float sum = 0.f;
+    int i = 0;
+    for (; i + VL <= HW; i += VL) {
+        vf r = nclamp01(nld_f32(R + i) * fb);
+        acc += C == 1 ? r : LUMA(r, nclamp01(nld_f32(G + i) * fb), nclamp01(nld_f32(Bc + i) * fb));
     }
+    for (; i < HW; i++) {
+        float r = clamp01(R[i] * fb);
+        sum += C == 1 ? r : LUMA(r, clamp01(G[i] * fb), clamp01(Bc[i] * fb));
+    }
+    for (int k = 0; k < VL; k++) sum += acc[k];
+    return sum;
 }
 
 void color_jitter(const float* x, int B, int C, int HW, const float* prm, float* out) {
@@ -568,12 +622,10 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
         float fb = p[1], fc = p[2], fs = p[3], fh = p[4];
         if (!on && !grey) { memcpy(o, xi, sizeof(float) * C * HW); continue; }
         if (C == 1) {                             /* brightness and contrast only (saturation, hue refused) */
-            float sum = 0.f;
-            #pragma omp simd reduction(+:sum)
-            for (int i = 0; i < HW; i++) sum += clamp01(xi[i] * fb);
-            float m = sum / HW * (1.f - fc);
-            #pragma omp simd
-            for (int i = 0; i < HW; i++) o[i] = clamp01(clamp01(xi[i] * fb) * fc + m);
+            float m = brightened_sum(xi, xi, xi, HW, fb, 1) / HW * (1.f - fc);
+            int i = 0;
+            for (; i + VL <= HW; i += VL) nst_f32(o + i, nclamp01(nclamp01(nld_f32(xi + i) * fb) * fc + m));
+            for (; i < HW; i++) o[i] = clamp01(clamp01(xi[i] * fb) * fc + m);
             continue;
         }
         const float *R = xi, *G = xi + HW, *Bc = xi + 2 * HW;
@@ -581,10 +633,7 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
             color_pixels(R, G, Bc, o, o + HW, o + 2 * HW, HW, 1.f, 1.f, 0.f, 1.f, 0.f, 0, 1);
             continue;
         }
-        float sum = 0.f;
-        #pragma omp simd reduction(+:sum)
-        for (int i = 0; i < HW; i++) sum += LUMA(clamp01(R[i] * fb), clamp01(G[i] * fb), clamp01(Bc[i] * fb));
-        float m = sum / HW * (1.f - fc);
+        float m = brightened_sum(R, G, Bc, HW, fb, 3) / HW * (1.f - fc);
         color_pixels(R, G, Bc, o, o + HW, o + 2 * HW, HW, fb, fc, m, fs, fh, fh != 0.f, grey);
     }
 }
