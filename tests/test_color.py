@@ -38,7 +38,7 @@ def kornias(x, params, factors):
     return grey(y, params={"batch_prob": params["gray"]}) if x.shape[1] == 3 else y
 
 
-SHAPES = [(16, 3, 8, 8), (33, 3, 28, 28), (8, 3, 32, 48), (16, 1, 28, 28), (5, 1, 13, 7)]
+SHAPES = [(16, 3, 8, 8), (33, 3, 28, 28), (8, 3, 32, 48), (6, 3, 9, 7), (16, 1, 28, 28), (5, 1, 13, 7)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -519,95 +519,77 @@ void blur3(const float* x, long P, int H, int W, const float* k, float* out) {
  * rebuilt as v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 for n = 5, 3, 1, which is the
  * hsv -> rgb table row by row without a branch per sextant. */
 #define LUMA(r, g, b) (0.299f * (r) + 0.587f * (g) + 0.114f * (b))
-/* selects, not fminf / fmaxf: GCC vectorises these (fminf's NaN rules keep it scalar); NaN passes through, as
- * in torch.clamp */
-static inline float clamp01(float v) { v = v < 0.f ? 0.f : v; return v > 1.f ? 1.f : v; }
-static inline float max2(float a, float b) { return a > b ? a : b; }
-static inline float min2(float a, float b) { return a < b ? a : b; }
-
-static inline float hue_channel(float n, float six, float v, float vs) {
-    float k = n + six;
-    k = k >= 6.f ? k - 6.f : k;
-    return v - vs * clamp01(min2(k, 4.f - k));
-}
-
-/* One pixel, every step in registers: the scalar form, for the pixels after the last whole vector. */
-static inline void color_pixel(const float* R, const float* G, const float* Bc, float* oR, float* oG, float* oB,
-                               int i, float fb, float fc, float m, float fs, float fh, int hue, int grey) {
-    float r = clamp01(clamp01(R[i] * fb) * fc + m);
-    float g = clamp01(clamp01(G[i] * fb) * fc + m);
-    float bl = clamp01(clamp01(Bc[i] * fb) * fc + m);
-    float l = (1.f - fs) * LUMA(r, g, bl);
-    r = clamp01(l + fs * r); g = clamp01(l + fs * g); bl = clamp01(l + fs * bl);
-    if (hue) {
-        float v = max2(r, max2(g, bl)), d = v - min2(r, min2(g, bl));
-        float s = v == 0.f ? 0.f : d / (v + 1e-8f), dd = d == 0.f ? 1.f : d;
-        float h = (r >= g && r >= bl) ? (g - bl) : (g >= bl ? (bl - r) + 2.f * dd : (r - g) + 4.f * dd);
-        float turns = h / dd * (1.f / 6.f) + fh;          /* the shifted hue, in turns */
-        turns += turns < 0.f ? 1.f : 0.f;             /* in [-2/3, 4/3): mod 1 by two selects */
-        turns -= turns >= 1.f ? 1.f : 0.f;
-        float six = turns * 6.f, vs = v * s;
-        r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
-    }
-    if (grey) r = g = bl = LUMA(r, g, bl);
-    oR[i] = r; oG[i] = g; oB[i] = bl;
-}
-
-/* The same steps on VL pixels at once, written with the native vector's selects. GCC vectorised the scalar loop
- * under `omp simd` only with AVX-512's mask registers: on AVX2 it gave up ("control flow in loop") and ran pixel
- * by pixel, 24.8 ms for 1,024 colour views of 32 x 32 on a 2-core Zen 3 against 2.4 ms in this form. */
+/* Every step is written once, on the native vector with explicit selects (nsel; NaN passes through, as in
+ * torch.clamp). GCC had vectorised a scalar loop of the same steps under `omp simd` only where AVX-512's mask
+ * registers could carry its branches: on AVX2 it gave up ("control flow in loop") and ran pixel by pixel, 24.8 ms
+ * for 1,024 colour views of 32 x 32 on a 2-core Zen 3 against 2.4 ms in this form. The pixels after the last
+ * whole vector go through the same code as zero-padded lanes (ld_n / st_n). */
 static inline vf nclamp01(vf v) { vf z = {0}; v = nsel(v < z, z, v); return nsel(v > z + 1.f, z + 1.f, v); }
 static inline vf nmax2(vf a, vf b) { return nsel(a > b, a, b); }
 static inline vf nmin2(vf a, vf b) { return nsel(a < b, a, b); }
-static inline vf nhue_channel(float n, vf six, vf v, vf vs) {
+/* n <= VL floats from p, zeros after them; and back */
+static inline vf ld_n(const float* p, int n) {
+    if (n == VL) return nld_f32(p);
+    float t[VL] = {0};
+    memcpy(t, p, sizeof(float) * n);
+    return nld_f32(t);
+}
+static inline void st_n(float* p, vf v, int n) {
+    if (n == VL) { nst_f32(p, v); return; }
+    float t[VL];
+    nst_f32(t, v);
+    memcpy(p, t, sizeof(float) * n);
+}
+static inline vf hue_channel(float n, vf six, vf v, vf vs) {
     vf k = six + n;
     k = nsel(k >= 6.f + (vf){0}, k - 6.f, k);
     return v - vs * nclamp01(nmin2(k, 4.f - k));
 }
-static inline void color_vector(const float* R, const float* G, const float* Bc, float* oR, float* oG, float* oB,
-                                int i, float fb, float fc, float m, float fs, float fh, int hue, int grey) {
+
+/* VL pixels' r, g, b through every step, in registers */
+static inline void color_vector(vf* pr, vf* pg, vf* pb, float fb, float fc, float m, float fs, float fh, int hue,
+                                int grey) {
     vf z = {0}, one = z + 1.f;
-    vf r = nclamp01(nclamp01(nld_f32(R + i) * fb) * fc + m);
-    vf g = nclamp01(nclamp01(nld_f32(G + i) * fb) * fc + m);
-    vf bl = nclamp01(nclamp01(nld_f32(Bc + i) * fb) * fc + m);
+    vf r = nclamp01(nclamp01(*pr * fb) * fc + m);
+    vf g = nclamp01(nclamp01(*pg * fb) * fc + m);
+    vf bl = nclamp01(nclamp01(*pb * fb) * fc + m);
     vf l = (1.f - fs) * LUMA(r, g, bl);
     r = nclamp01(l + fs * r); g = nclamp01(l + fs * g); bl = nclamp01(l + fs * bl);
     if (hue) {
         vf v = nmax2(r, nmax2(g, bl)), d = v - nmin2(r, nmin2(g, bl));
         vf s = nsel(v == z, z, d / (v + 1e-8f)), dd = nsel(d == z, one, d);
         vf h = nsel((r >= g) & (r >= bl), g - bl, nsel(g >= bl, (bl - r) + 2.f * dd, (r - g) + 4.f * dd));
-        vf turns = h / dd * (1.f / 6.f) + fh;
-        turns += nsel(turns < z, one, z);
+        vf turns = h / dd * (1.f / 6.f) + fh;          /* the shifted hue, in turns */
+        turns += nsel(turns < z, one, z);           /* in [-2/3, 4/3): mod 1 by two selects */
         turns -= nsel(turns >= one, one, z);
         vf six = turns * 6.f, vs = v * s;
-        r = nhue_channel(5.f, six, v, vs); g = nhue_channel(3.f, six, v, vs); bl = nhue_channel(1.f, six, v, vs);
+        r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
     }
     if (grey) r = g = bl = LUMA(r, g, bl);
-    nst_f32(oR + i, r); nst_f32(oG + i, g); nst_f32(oB + i, bl);
+    *pr = r; *pg = g; *pb = bl;
 }
 
 /* One image's pixels */
-static void color_pixels(const float* restrict R, const float* restrict G, const float* restrict Bc, float* restrict oR,
-                         float* restrict oG, float* restrict oB, int HW,
+static void color_pixels(const float* R, const float* G, const float* Bc, float* oR, float* oG, float* oB, int HW,
                          float fb, float fc, float m, float fs, float fh, int hue, int grey) {
-    int i = 0;
-    for (; i + VL <= HW; i += VL) color_vector(R, G, Bc, oR, oG, oB, i, fb, fc, m, fs, fh, hue, grey);
-    for (; i < HW; i++) color_pixel(R, G, Bc, oR, oG, oB, i, fb, fc, m, fs, fh, hue, grey);
+    for (int i = 0; i < HW; i += VL) {
+        int n = HW - i < VL ? HW - i : VL;
+        vf r = ld_n(R + i, n), g = ld_n(G + i, n), bl = ld_n(Bc + i, n);
+        color_vector(&r, &g, &bl, fb, fc, m, fs, fh, hue, grey);
+        st_n(oR + i, r, n); st_n(oG + i, g, n); st_n(oB + i, bl, n);
+    }
 }
 
-/* The brightened image's luma summed over its pixels (one channel: its values), in VL partial sums */
+/* The brightened image's luma summed over its pixels (C = 1: its values), in VL partial sums (padded lanes add
+ * 0) */
 static float brightened_sum(const float* R, const float* G, const float* Bc, int HW, float fb, int C) {
     vf acc = {0};
+    for (int i = 0; i < HW; i += VL) {
+        int n = HW - i < VL ? HW - i : VL;
+        vf r = nclamp01(ld_n(R + i, n) * fb);
+        acc += C == 1 ? r : LUMA(r, nclamp01(ld_n(G + i, n) * fb), nclamp01(ld_n(Bc + i, n) * fb));
+    }
     float sum = 0.f;
-    int i = 0;
-    for (; i + VL <= HW; i += VL) {
-        vf r = nclamp01(nld_f32(R + i) * fb);
-        acc += C == 1 ? r : LUMA(r, nclamp01(nld_f32(G + i) * fb), nclamp01(nld_f32(Bc + i) * fb));
-    }
-    for (; i < HW; i++) {
-        float r = clamp01(R[i] * fb);
-        sum += C == 1 ? r : LUMA(r, clamp01(G[i] * fb), clamp01(Bc[i] * fb));
-    }
     for (int k = 0; k < VL; k++) sum += acc[k];
     return sum;
 }
@@ -623,9 +605,10 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
         if (!on && !grey) { memcpy(o, xi, sizeof(float) * C * HW); continue; }
         if (C == 1) {                             /* brightness and contrast only (saturation, hue refused) */
             float m = brightened_sum(xi, xi, xi, HW, fb, 1) / HW * (1.f - fc);
-            int i = 0;
-            for (; i + VL <= HW; i += VL) nst_f32(o + i, nclamp01(nclamp01(nld_f32(xi + i) * fb) * fc + m));
-            for (; i < HW; i++) o[i] = clamp01(clamp01(xi[i] * fb) * fc + m);
+            for (int i = 0; i < HW; i += VL) {
+                int n = HW - i < VL ? HW - i : VL;
+                st_n(o + i, nclamp01(nclamp01(ld_n(xi + i, n) * fb) * fc + m), n);
+            }
             continue;
         }
         const float *R = xi, *G = xi + HW, *Bc = xi + 2 * HW;
