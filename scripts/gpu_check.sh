@@ -78,11 +78,13 @@ bench knn 20 benchmarks/bench_knn.py -k cuda
 bench augment 30 benchmarks/bench_augment.py -k "cuda and not torchvision"
 bench step 45 benchmarks/bench_train_step.py -k "cuda and not compiled"
 
+RUNS=()     # every training run's metrics.json, for summary.md's table
 train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
   local name=$1; shift
+  rm -f "/tmp/fastclr-$name/metrics.json"     # a skipped or failed run must not report an earlier one
   run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "step/s" | tail -6 | tee "$OUT/$name.log"
-  cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
+  cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null && RUNS+=("$OUT/$name.json")
 }
 echo "== one epoch: the default (batch 128, eager step, full evaluation), the captured step at 128, torch.compile's"
 echo "   CUDA graphs (reduce-overhead) at 128 beside it, and the captured step at 1,024"
@@ -101,9 +103,10 @@ fi
 echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), eager, then candidates"
 speedrun() {  # speedrun NAME ARGS...
   local name=$1; shift
+  rm -f "/tmp/fastclr-$name/metrics.json"
   run_for "${SPEEDRUN_TIMEOUT:-60}" python3 -m fastclr.speedrun --target 0.985 --out "/tmp/fastclr-$name" --overwrite "$@" \
     2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -4 | tee "$OUT/$name.log"
-  cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null
+  cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null && RUNS+=("$OUT/$name.json")
 }
 speedrun speedrun
 speedrun speedrun-eager --no-cuda-graph
@@ -111,7 +114,7 @@ speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
 run_for 30 python3 -m fastclr.eval --checkpoint /tmp/fastclr-speedrun/checkpoint.pt --tsne-points 0 2>&1 | tail -3 | tee "$OUT/speedrun_eval.log"
 
 # the benchmark groups, then every run's images/s (whole run and steady state) in one table
-python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" --runs "$OUT"/{default,graph-b128,compile-ro-b128,graph-b1024,colour-graph,speedrun,speedrun-eager,speedrun-b1024}.json \
-  > /dev/null && echo "wrote $OUT/summary.md"
+python3 -m benchmarks.report "$OUT"/bench-*.json --out "$OUT" --runs ${RUNS[@]+"${RUNS[@]}"} > /dev/null \
+  && echo "wrote $OUT/summary.md"
 tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed: $OUT.tar.gz"
 echo "done: $OUT"
