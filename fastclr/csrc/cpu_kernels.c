@@ -34,11 +34,12 @@ typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
 typedef uint8_t b16v __attribute__((vector_size(16)));
 
-/* The native vector: one register of VL floats. The memory-bound kernels (bn_act, pool_relu), which run in every
- * CPU training step, and the tutorial net's first block use it. Why not 16 lanes everywhere: without AVX-512, GCC
- * lowers a 16-lane vector's arithmetic to two registers but each of its comparisons to 16 scalar compares and
- * branches (bn_act's forward ran at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and the weight-gradient kernels, whose data
- * layouts are built around 16 lanes, run fast only with AVX512-BF16 and keep the 16-lane type. */
+/* The native vector: one register of VL floats. The memory-bound kernels (bn_act, pool_relu), which run in every CPU
+ * training step, the colour jitter and the tutorial net's first block use it. Why not 16 lanes everywhere: without
+ * AVX-512, GCC lowers a 16-lane vector's arithmetic to two registers but each of its comparisons to 16 scalar
+ * compares and branches (bn_act's forward ran at ~3 GB/s on a Zen 3, a tenth of its memory bandwidth). The stem and
+ * the weight-gradient kernels, whose data layouts are built around 16 lanes, run fast only with AVX512-BF16 and keep
+ * the 16-lane type. */
 #ifdef __AVX512F__
 #define VL 16
 typedef v16 vf; typedef i16v vi; typedef u16v vu; typedef h16v vh; typedef b16v vb;
