@@ -144,13 +144,12 @@ static void pad_normalised(const float* x, int H, int W, float mean, float inv_s
 
 /* 2x2 max-pool then ReLU. x (N, H, W, C) -> out (N, H/2, W/2, C), idx (N, H/2, W/2, C) window positions. */
 /* Every 2x2 window of an (N, H, W, C) tensor, VL channels at a time, in parallel over pooled rows: the body sees
- * i00 / i10, the window's top-left and bottom-left elements, o, the pooled element, and zero. */
+ * i00 / i10, the window's top-left and bottom-left elements, and o, the pooled element. */
 #define FOR_EACH_POOL_WINDOW(...)                                                                              \
     int H2 = H / 2, W2 = W / 2;                                                                                \
     _Pragma("omp parallel for schedule(static)")                                                               \
     for (long r = 0; r < (long)N * H2; r++) {                                                                  \
         long n = r / H2, i = r % H2;                                                                           \
-        vf zero = {0};                                                                                        \
         for (int j = 0; j < W2; j++)                                                                           \
             for (int cb = 0; cb < C; cb += VL) {                                                               \
                 long i00 = ((n * H + 2 * i) * W + 2 * j) * C + cb, i10 = i00 + (long)W * C;                   \
@@ -163,7 +162,7 @@ void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* ou
     FOR_EACH_POOL_WINDOW(
         vi k;
         vf m = nargmax4(nld(x, i00, x_bf), nld(x, i00 + C, x_bf), nld(x, i10, x_bf), nld(x, i10 + C, x_bf), &k);
-        nst(out, o, nsel(m > zero, m, zero), out_bf);
+        nst(out, o, nrelu(m), out_bf);
         nst_idx(idx + o, k);
     )
 }
@@ -172,7 +171,7 @@ void pool_relu_fwd(const void* x, int x_bf, int N, int H, int W, int C, void* ou
 void pool_relu_bwd(const void* g, int g_bf, const void* out, int out_bf, const uint8_t* idx,
                    int N, int H, int W, int C, void* gx, int gx_bf) {
     FOR_EACH_POOL_WINDOW(
-        vf gv = nld(g, o, g_bf);
+        vf zero = {0}, gv = nld(g, o, g_bf);
         gv = nsel(nld(out, o, out_bf) > zero, gv, zero);
         vi k = nld_idx(idx + o);
         nst(gx, i00, nroute(gv, k, 0), gx_bf);
@@ -211,7 +210,7 @@ int conv1_pool_relu_fwd(const float* x, int N, int H, int W, const float* taps, 
                     vi k;
                     vf m = nargmax4(a0, a1, a2, a3, &k) + b;
                     long o = (((long)n * H2 + i) * W2 + j) * C + cb;
-                    nst(out, o, nsel(m > zero, m, zero), out_bf);
+                    nst(out, o, nrelu(m), out_bf);
                     nst_idx(idx + o, k);
                 }
         }
@@ -524,24 +523,24 @@ void blur3(const float* x, long P, int H, int W, const float* k, float* out) {
  * torch.clamp). GCC had vectorised a scalar loop of the same steps under `omp simd` only where AVX-512's mask
  * registers could carry its branches: on AVX2 it gave up ("control flow in loop") and ran pixel by pixel, 24.8 ms
  * for 1,024 colour views of 32 x 32 on a 2-core Zen 3 against 2.4 ms in this form. The pixels after the last
- * whole vector go through the same code as zero-padded lanes (ld_n / st_n). */
+ * whole vector go through the same code as zero-padded lanes (nld_upto / nst_upto). */
 static inline vf nclamp01(vf v) { vf z = {0}; v = nsel(v < z, z, v); return nsel(v > z + 1.f, z + 1.f, v); }
 static inline vf nmax2(vf a, vf b) { return nsel(a > b, a, b); }
 static inline vf nmin2(vf a, vf b) { return nsel(a < b, a, b); }
 /* n <= VL floats from p, zeros after them; and back */
-static inline vf ld_n(const float* p, int n) {
+static inline vf nld_upto(const float* p, int n) {
     if (n == VL) return nld_f32(p);
     float t[VL] = {0};
     memcpy(t, p, sizeof(float) * n);
     return nld_f32(t);
 }
-static inline void st_n(float* p, vf v, int n) {
+static inline void nst_upto(float* p, vf v, int n) {
     if (n == VL) { nst_f32(p, v); return; }
     float t[VL];
     nst_f32(t, v);
     memcpy(p, t, sizeof(float) * n);
 }
-static inline vf hue_channel(float n, vf six, vf v, vf vs) {
+static inline vf nhue_channel(float n, vf six, vf v, vf vs) {
     vf k = six + n;
     k = nsel(k >= 6.f + (vf){0}, k - 6.f, k);
     return v - vs * nclamp01(nmin2(k, 4.f - k));
@@ -564,7 +563,7 @@ static inline void color_vector(vf* pr, vf* pg, vf* pb, float fb, float fc, floa
         turns += nsel(turns < z, one, z);           /* in [-2/3, 4/3): mod 1 by two selects */
         turns -= nsel(turns >= one, one, z);
         vf six = turns * 6.f, vs = v * s;
-        r = hue_channel(5.f, six, v, vs); g = hue_channel(3.f, six, v, vs); bl = hue_channel(1.f, six, v, vs);
+        r = nhue_channel(5.f, six, v, vs); g = nhue_channel(3.f, six, v, vs); bl = nhue_channel(1.f, six, v, vs);
     }
     if (grey) r = g = bl = LUMA(r, g, bl);
     *pr = r; *pg = g; *pb = bl;
@@ -575,9 +574,9 @@ static void color_pixels(const float* R, const float* G, const float* Bc, float*
                          float fb, float fc, float m, float fs, float fh, int hue, int grey) {
     for (int i = 0; i < HW; i += VL) {
         int n = HW - i < VL ? HW - i : VL;
-        vf r = ld_n(R + i, n), g = ld_n(G + i, n), bl = ld_n(Bc + i, n);
+        vf r = nld_upto(R + i, n), g = nld_upto(G + i, n), bl = nld_upto(Bc + i, n);
         color_vector(&r, &g, &bl, fb, fc, m, fs, fh, hue, grey);
-        st_n(oR + i, r, n); st_n(oG + i, g, n); st_n(oB + i, bl, n);
+        nst_upto(oR + i, r, n); nst_upto(oG + i, g, n); nst_upto(oB + i, bl, n);
     }
 }
 
@@ -587,8 +586,8 @@ static float brightened_sum(const float* R, const float* G, const float* Bc, int
     vf acc = {0};
     for (int i = 0; i < HW; i += VL) {
         int n = HW - i < VL ? HW - i : VL;
-        vf r = nclamp01(ld_n(R + i, n) * fb);
-        acc += C == 1 ? r : LUMA(r, nclamp01(ld_n(G + i, n) * fb), nclamp01(ld_n(Bc + i, n) * fb));
+        vf r = nclamp01(nld_upto(R + i, n) * fb);
+        acc += C == 1 ? r : LUMA(r, nclamp01(nld_upto(G + i, n) * fb), nclamp01(nld_upto(Bc + i, n) * fb));
     }
     float sum = 0.f;
     for (int k = 0; k < VL; k++) sum += acc[k];
@@ -608,7 +607,7 @@ void color_jitter(const float* x, int B, int C, int HW, const float* prm, float*
             float m = brightened_sum(xi, xi, xi, HW, fb, 1) / HW * (1.f - fc);
             for (int i = 0; i < HW; i += VL) {
                 int n = HW - i < VL ? HW - i : VL;
-                st_n(o + i, nclamp01(nclamp01(ld_n(xi + i, n) * fb) * fc + m), n);
+                nst_upto(o + i, nclamp01(nclamp01(nld_upto(xi + i, n) * fb) * fc + m), n);
             }
             continue;
         }
