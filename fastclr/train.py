@@ -415,9 +415,10 @@ class Trainer:
                 f"{cfg.temperature} too low or lr {cfg.lr} too high"
                 + (" or fp16 overflow (try bf16 or no --amp)" if self.tr.runtime.needs_grad_scaler else ""))
         self.state.losses.extend(vals)
-        self.marks.append((self.state.step - self.first_step, self.clock.elapsed()))  # the read synced the steps
+        seconds = self.clock.elapsed()                       # the read above synced every step before it
+        self.marks.append((self.state.step - self.first_step, seconds))
         bar.update(len(vals))
-        bar.set_postfix(loss=f"{vals[-1]:.4f}", img_s=f"{self.images_per_second(self.clock.elapsed()):.0f}")
+        bar.set_postfix(loss=f"{vals[-1]:.4f}", img_s=f"{self.images_per_second(seconds):.0f}")
 
     def images_per_second(self, seconds: float) -> float:
         return self.images_per_step() * self.state.step / max(seconds, 1e-9)
