@@ -79,13 +79,15 @@ bench augment 30 benchmarks/bench_augment.py -k "cuda and not torchvision"
 bench step 45 benchmarks/bench_train_step.py -k "cuda and not compiled"
 
 RUNS=()     # every training run's metrics.json, for summary.md's table
-train() {   # train NAME ARGS...: one run, its log and metrics.json into $OUT
-  local name=$1; shift
+run_cli() { # run_cli NAME SECONDS LINES MODULE ARGS...: one run in /tmp/fastclr-NAME; its last LINES of log and its
+            # metrics.json into $OUT
+  local name=$1 secs=$2 lines=$3 module=$4; shift 4
   rm -f "/tmp/fastclr-$name/metrics.json"     # a skipped or failed run must not report an earlier one
-  run_for "${TRAIN_TIMEOUT:-60}" python3 -m fastclr.train --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
-    | tr '\r' '\n' | grep -v "step/s" | tail -6 | tee "$OUT/$name.log"
+  run_for "$secs" python3 -m "$module" --out "/tmp/fastclr-$name" --overwrite "$@" 2>&1 \
+    | tr '\r' '\n' | grep -v "step/s" | tail -"$lines" | tee "$OUT/$name.log"
   cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null && RUNS+=("$OUT/$name.json")
 }
+train() { local name=$1; shift; run_cli "$name" "${TRAIN_TIMEOUT:-60}" 6 fastclr.train "$@"; }
 echo "== one epoch: the default (batch 128, eager step, full evaluation), the captured step at 128, torch.compile's"
 echo "   CUDA graphs (reduce-overhead) at 128 beside it, and the captured step at 1,024"
 train default --epochs 1 --tsne-points 0
@@ -101,13 +103,7 @@ if [ -n "$FASHION_GZ" ]; then
 fi
 
 echo "== speedrun (mnist-speedrun-gpu: the recipe python -m fastclr.speedrun picks on CUDA), eager, then candidates"
-speedrun() {  # speedrun NAME ARGS...
-  local name=$1; shift
-  rm -f "/tmp/fastclr-$name/metrics.json"
-  run_for "${SPEEDRUN_TIMEOUT:-60}" python3 -m fastclr.speedrun --target 0.985 --out "/tmp/fastclr-$name" --overwrite "$@" \
-    2>&1 | tr '\r' '\n' | grep -v "step/s" | tail -4 | tee "$OUT/$name.log"
-  cp "/tmp/fastclr-$name/metrics.json" "$OUT/$name.json" 2>/dev/null && RUNS+=("$OUT/$name.json")
-}
+speedrun() { local name=$1; shift; run_cli "$name" "${SPEEDRUN_TIMEOUT:-60}" 4 fastclr.speedrun --target 0.985 "$@"; }
 speedrun speedrun
 speedrun speedrun-eager --no-cuda-graph
 speedrun speedrun-b1024 --batch-size 1024 --lr 8e-3
