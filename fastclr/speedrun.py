@@ -49,7 +49,7 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.1f}s for the whole command")
         return 0
     best = max(h["knn_accuracy"] for h in metrics["knn_history"])
-    print(f"speedrun: target {cfg.target_knn} NOT reached in {cfg.epochs} epochs (best k-NN {best:.4f})")
+    print(f"speedrun: target {cfg.target_knn} NOT reached in {metrics['steps']} steps (best k-NN {best:.4f})")
     return 1
 
 

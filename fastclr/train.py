@@ -388,8 +388,10 @@ class Trainer:
         return self.state.step >= self.total_steps or self.state.batch == len(self.pairs)
 
     def knn_due(self) -> bool:
+        """A --target-knn check after this step: at each epoch's end, every --eval-every steps, and after the run's
+        last step (--steps or --max-steps can end it mid-epoch: its final weights are checked too)."""
         cfg, st = self.cfg, self.state
-        return bool(cfg.target_knn) and (st.batch == len(self.pairs)
+        return bool(cfg.target_knn) and (st.batch == len(self.pairs) or st.step >= self.total_steps
                                          or bool(cfg.eval_every and st.step % cfg.eval_every == 0))
 
     def checkpoint_due(self) -> bool:
@@ -507,10 +509,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"precision: {runtime.amp_note}")
     seed_everything(cfg.seed)
     data, train_x = load_data(cfg, runtime, d.world_size, log if d.is_main else lambda *a: None)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(cfg, train_x, runtime, d)
     tr = build_training(cfg, runtime, total_steps(cfg, len(pairs)), d.world_size, ckpt, data)
+    if d.is_main:    # made once the data and the model are known to work: a refused run leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
     state = TrainState()
     if ckpt is not None:
         state, loader_state = loop_state(ckpt)
@@ -575,6 +577,20 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def summary_line(metrics: dict) -> str:
+    """The CLI's last line: k-NN (and raw pixels') where evaluated, then the training speed."""
+    parts = []
+    if metrics.get("knn_accuracy") is not None:
+        pixels = metrics.get("pixel_knn_accuracy")
+        parts.append(f"knn_accuracy {metrics['knn_accuracy']:.4f}"
+                     + (f" (raw pixels {pixels:.4f})" if pixels is not None else ""))
+    speed = f"{metrics['train_images_per_second']:.0f} images/s over {metrics['train_seconds']:.1f}s of training"
+    if metrics.get("steady_images_per_second"):
+        first, last = metrics["steady_state_steps"]
+        speed += f" ({metrics['steady_images_per_second']:.0f} at steady state, steps {first}-{last})"
+    return ", ".join(parts + [speed])
+
+
 def main(argv=None) -> int:
     parser = build_parser(description="Train SimCLR (NT-Xent) on MNIST or Fashion-MNIST, then evaluate "
                                       "(k-NN, linear probe, t-SNE).")
@@ -587,12 +603,8 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if metrics and "knn_accuracy" in metrics:
-        print(f"knn_accuracy {metrics['knn_accuracy']:.4f} (raw pixels {metrics.get('pixel_knn_accuracy', float('nan')):.4f}), "
-              f"{metrics['train_images_per_second']:.0f} images/s over {metrics['train_seconds']:.1f}s of training"
-              + (f" ({metrics['steady_images_per_second']:.0f} at steady state, steps "
-                 f"{metrics['steady_state_steps'][0]}-{metrics['steady_state_steps'][1]})"
-                 if metrics.get("steady_images_per_second") else ""))
+    if metrics:
+        print(summary_line(metrics))
     return 0
 
 

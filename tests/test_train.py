@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,20 @@ def test_steady_state_rate_leaves_out_the_warm_up_steps():
     assert steady_images_per_second(marks, 256, after=0)[0] == pytest.approx(256 * 50 / 1.4)
 
 
+def test_summary_line_names_only_what_the_run_measured():
+    """The CLI's last line: k-NN and raw pixels where evaluated, the speed always (a --no-eval run ends with it
+    too), the steady-state figure where there is one."""
+    from fastclr.train import summary_line
+
+    speed = {"train_images_per_second": 1234.4, "train_seconds": 5.0}
+    full = {**speed, "knn_accuracy": 0.98, "pixel_knn_accuracy": 0.97, "steady_images_per_second": 1500.0,
+            "steady_state_steps": [20, 150]}
+    assert summary_line(full) == ("knn_accuracy 0.9800 (raw pixels 0.9700), 1234 images/s over 5.0s of training "
+                                  "(1500 at steady state, steps 20-150)")
+    assert summary_line({**speed, "knn_accuracy": 0.98}) == "knn_accuracy 0.9800, 1234 images/s over 5.0s of training"
+    assert summary_line({**speed, "steady_images_per_second": None}) == "1234 images/s over 5.0s of training"
+
+
 def test_compile_mode_reaches_torch_compile(monkeypatch):
     """--compile-mode is handed to torch.compile by the Runtime, the one place that decides compilation."""
     from fastclr import backend
@@ -138,9 +153,25 @@ def test_speedrun_honours_target_knn_and_says_when_it_misses(mnist_root, tmp_pat
     r = speedrun_cli("--data-dir", str(mnist_root), "--out", str(tmp_path / "r"), "--target-knn", "0.999",
                      "--epochs", "1")
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "target 0.999 NOT reached in 1 epochs" in r.stdout
+    assert "target 0.999 NOT reached in 32 steps (best k-NN 0." in r.stdout
     r = speedrun_cli("--target", "0.9", "--target-knn", "0.95")
     assert r.returncode == 2 and "disagree" in r.stderr
+
+
+def test_speedrun_ended_mid_epoch_checks_its_last_step(tmp_path):
+    """--max-steps ends the run before the first epoch's end: its last step is checked against the target (the
+    speedrun used to find no check at all and stop with a traceback)."""
+    g = np.random.default_rng(0)
+    x, y = (g.random((96, 8, 8)) * 255).astype(np.uint8), np.arange(96) % 4      # labels unrelated to the images
+    np.savez(tmp_path / "noise.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    args = ["--data", str(tmp_path / "noise.npz"), "--width", "16", "--embed-dim", "16", "--proj-hidden", "32",
+            "--proj-dim", "8", "--batch-size", "16", "--max-steps", "2", "--device", "cpu"]
+    r = subprocess.run([sys.executable, "-m", "fastclr.speedrun", *args, "--out", str(tmp_path / "miss"),
+                        "--target", "0.99"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "target 0.99 NOT reached in 2 steps (best k-NN" in r.stdout
+    m = json.loads((tmp_path / "miss" / "metrics.json").read_text())
+    assert [h["step"] for h in m["knn_history"]] == [2] and not m["reached_target"]
 
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
