@@ -240,14 +240,14 @@ def _npz(path: Path, spec: SourceSpec) -> ImageData:
         raise FastclrError(f"{path} has no training images: expected the key train_images (MedMNIST) or x_train "
                            f"(Keras); it holds {', '.join(sorted(keys)) or 'nothing'}")
     read = lambda role: _npz_array(z, path, names.get(role)) if names.get(role) in keys else None  # noqa: E731
-    train_x, train_y = _npz_images(read("train"), path, names["train"]), read("train_y")
-    notes = []
+    notes: list[str] = []
+    train_x, train_y = _npz_images(read("train"), path, names["train"], notes), read("train_y")
     test_role = "test" if names.get("test") in keys else ("val" if names.get("val") in keys else None)
     if "val" in names and names["val"] in keys:
         notes.append(f"{path.name}: {names['val']} is " + ("the test split (there is no test_images)"
                                                           if test_role == "val" else "not used (test_images is the "
                                                                                      "test split)"))
-    test_x = _npz_images(read(test_role), path, names[test_role]) if test_role else None
+    test_x = _npz_images(read(test_role), path, names[test_role], notes) if test_role else None
     test_y = read(test_role + "_y") if test_role else None
     train_y = _npz_labels(train_y, train_x, path, names["train_y"])
     test_y = _npz_labels(test_y, test_x, path, names.get(f"{test_role}_y", "")) if test_x is not None else None
@@ -264,14 +264,37 @@ def _npz_array(z, path: Path, key: str) -> np.ndarray:
         raise FastclrError(f"cannot read {key} from {path} ({type(exc).__name__}): the file is damaged") from None
 
 
-def _npz_images(a: np.ndarray, path: Path, key: str) -> Tensor:
-    if a.dtype != np.uint8:
-        raise FastclrError(f"{path}: {key} is {a.dtype}; fastclr reads uint8 images (N, H, W) or (N, H, W, C)")
+def _npz_images(a: np.ndarray, path: Path, key: str, notes: list[str]) -> Tensor:
+    """(N, C, H, W) uint8 from an array of images: uint8 as it is, other integers in [0, 255], floats in [0, 1]
+    (x 255, rounded); (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1, 3 or 4. What was converted goes in
+    ``notes``; anything else is one line naming the key."""
+    a = _as_uint8(a, path, key, notes)
     if a.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)
     if a.ndim == 4 and a.shape[-1] in (1, 3, 4):
         return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
-    raise FastclrError(f"{path}: {key} has shape {a.shape}; expected (N, H, W) or (N, H, W, C) with C 1, 3 or 4")
+    if a.ndim == 4 and a.shape[1] in (1, 3, 4):     # PyTorch's layout: the last axis is not a channel count
+        notes.append(f"{path.name}: {key} read as (N, C, H, W) = {a.shape}")
+        return torch.from_numpy(np.ascontiguousarray(a))
+    raise FastclrError(f"{path}: {key} has shape {a.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W) with "
+                       "C 1, 3 or 4")
+
+
+def _as_uint8(a: np.ndarray, path: Path, key: str, notes: list[str]) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    kind = "floats" if np.issubdtype(a.dtype, np.floating) else "integers" if np.issubdtype(a.dtype, np.integer) else None
+    if kind is None or a.size == 0:
+        raise FastclrError(f"{path}: {key} is {a.dtype}; fastclr reads images as uint8, other integers in [0, 255] "
+                           "or floats in [0, 1]")
+    top = 1.0 if kind == "floats" else 255
+    lo, hi = a.min(), a.max()       # NaN makes both NaN, which fails the check below
+    if not (lo >= 0 and hi <= top):
+        raise FastclrError(f"{path}: {key} is {a.dtype} with values in [{lo:.4g}, {hi:.4g}]; fastclr reads uint8 images, "
+                           f"{'or floats in [0, 1]' if kind == 'floats' else 'or integers in [0, 255]'}: rescale "
+                           "them first")
+    notes.append(f"{path.name}: {key} is {a.dtype}; read as uint8" + (" (x 255, rounded)" if kind == "floats" else ""))
+    return np.rint(a * 255.0).astype(np.uint8) if kind == "floats" else a.astype(np.uint8)
 
 
 def _npz_labels(y: np.ndarray | None, x: Tensor, path: Path, key: str) -> Tensor | None:

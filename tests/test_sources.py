@@ -64,6 +64,20 @@ def test_keras_npz_and_greyscale_images(tmp_path):
     assert d.shape == (1, 8, 8) and len(d.test_x) == 6 and d.labelled
 
 
+@pytest.mark.parametrize("convert", ["float [0, 1]", "int64", "channels first"])
+def test_npz_of_floats_integers_or_channels_first_reads_as_the_uint8_images(tmp_path, convert):
+    """Floats in [0, 1] (x 255, rounded), other integer types in [0, 255] and PyTorch's (N, C, H, W) layout give
+    the same uint8 tensor as the (N, H, W, C) uint8 file, and the first lines say what was converted."""
+    x, y = shapes(20, 3, 8, 8)
+    a = {"float [0, 1]": x.astype(np.float32) / 255, "int64": x.astype(np.int64),
+         "channels first": x.transpose(0, 3, 1, 2)}[convert]
+    np.savez(tmp_path / "a.npz", x_train=a, y_train=y, x_test=a[:4], y_test=y[:4])
+    d = load(tmp_path / "a.npz")
+    assert torch.equal(d.train_x, torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert torch.equal(d.test_x, d.train_x[:4])
+    assert any(n.startswith("a.npz: x_train ") for n in d.notes)
+
+
 def test_npz_without_labels_is_unlabeled(tmp_path):
     x, _ = shapes(20, 1, 8, 8)
     np.savez(tmp_path / "u.npz", train_images=x)
@@ -75,8 +89,12 @@ def test_npz_without_labels_is_unlabeled(tmp_path):
     (dict(images=np.zeros((4, 8, 8), np.uint8)), "no training images: expected the key train_images"),
     (dict(train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros(3, np.int64)),
      "train_labels has shape \\(3,\\) for 4 images"),
-    (dict(x_train=np.zeros((4, 8, 8), np.float32)), "x_train is float32; fastclr reads uint8"),
+    (dict(x_train=np.full((4, 8, 8), 2.0, np.float32)), "x_train is float32 with values in \\[2, 2\\]; fastclr reads uint8"),
+    (dict(x_train=np.full((4, 8, 8), np.nan, np.float32)), "x_train is float32 with values in \\[nan, nan\\]"),
+    (dict(x_train=np.full((4, 8, 8), 256, np.int64)), "integers in \\[0, 255\\]: rescale them first"),
+    (dict(x_train=np.zeros((4, 8, 8), bool)), "x_train is bool; fastclr reads images as uint8"),
     (dict(x_train=np.zeros((4, 8), np.uint8)), "x_train has shape \\(4, 8\\)"),
+    (dict(x_train=np.zeros((4, 5, 8, 8), np.uint8)), "expected \\(N, H, W\\), \\(N, H, W, C\\) or \\(N, C, H, W\\)"),
 ])
 def test_bad_npz_files_name_the_key_and_what_to_do(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
@@ -307,10 +325,12 @@ def test_an_unlabeled_folder_trains_and_says_what_evaluation_skipped(tmp_path, c
 @pytest.mark.parametrize("make, message", [
     (lambda p: (p / "empty").mkdir(), "holds no PNG"),
     (lambda p: np.savez(p / "empty.npz", labels=np.zeros(3)), "no training images"),
+    (lambda p: np.savez(p / "tiny.npz", x_train=np.zeros((160, 3, 3), np.uint8), y_train=np.arange(160) % 4,
+                        x_test=np.zeros((8, 3, 3), np.uint8), y_test=np.arange(8) % 4), "too small for the encoders"),
 ])
 def test_bad_data_through_the_cli_is_one_line_and_leaves_no_run_folder(tmp_path, make, message):
     make(tmp_path)
-    target = next(p for p in tmp_path.iterdir() if p.name in ("empty", "empty.npz"))
+    target = next(p for p in tmp_path.iterdir() if p.name in ("empty", "empty.npz", "tiny.npz"))
     r = train_cli("--data", str(target), "--out", str(tmp_path / "run"), timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
