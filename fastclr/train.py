@@ -494,7 +494,19 @@ def setup_runtime(cfg: TrainConfig) -> tuple[backend.Runtime, Dist]:
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.cuda.set_device(runtime.device)
     check_cuda_graph(cfg, runtime, d.world_size)
+    check_loss_impl(cfg, runtime)
     return runtime, d
+
+
+def check_loss_impl(cfg: TrainConfig, runtime: backend.Runtime) -> None:
+    """--loss-impl triton where its kernels cannot run: one clear error before the data is read, not a
+    traceback at the first step."""
+    if cfg.loss_impl == "triton":
+        from . import triton_ntxent
+
+        reason = triton_ntxent.cannot_run_on(runtime.device.type)
+        if reason:
+            raise FastclrError(f"--loss-impl triton: {reason}")
 
 
 def train(cfg: TrainConfig, log=print) -> dict:

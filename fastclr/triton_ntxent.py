@@ -71,17 +71,25 @@ def available() -> bool:
     return triton is not None and _version() >= MIN_TRITON
 
 
+def cannot_run_on(device_type: str) -> str | None:
+    """Why the kernels cannot run on tensors of ``device_type`` here, or None where they can."""
+    if not available():
+        found = "none is installed" if triton is None else f"found {triton.__version__}"
+        return (f"NT-Xent impl='triton' needs Triton >= {'.'.join(map(str, MIN_TRITON))} ({found}); "
+                "upgrade torch/triton, or use impl='tiled' for the same O(N) memory")
+    if device_type == "cpu" and not interpreting():
+        return ("NT-Xent impl='triton' runs on CUDA tensors; on CPU tensors only under Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before fastclr is imported, for tests; Triton >= 3.8, or NumPy < 2.3). "
+                "On the CPU use impl='tiled' or 'reference'")
+    return None
+
+
 def check_inputs(z: Tensor, dtype: torch.dtype) -> None:
     """Raise a clear error for input the kernels do not take (ValueError) or cannot run on (RuntimeError);
     ``dtype``: the dots' input type."""
-    if not available():
-        found = "none is installed" if triton is None else f"found {triton.__version__}"
-        raise RuntimeError(f"NT-Xent impl='triton' needs Triton >= {'.'.join(map(str, MIN_TRITON))} ({found}); "
-                           "upgrade torch/triton, or use impl='tiled' for the same O(N) memory")
-    if z.device.type == "cpu" and not interpreting():
-        raise RuntimeError("NT-Xent impl='triton' runs on CUDA tensors; on CPU tensors only under Triton's "
-                           "interpreter (TRITON_INTERPRET=1 set before fastclr is imported, for tests; Triton >= "
-                           "3.8, or NumPy < 2.3). On the CPU use impl='tiled' or 'reference'")
+    reason = cannot_run_on(z.device.type)
+    if reason:
+        raise RuntimeError(reason)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"NT-Xent impl='triton' takes float32, bfloat16 or float16 input, got {dtype}; "
                          "use impl='reference' for float64")

@@ -89,6 +89,21 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_triton_loss_where_it_cannot_run_is_refused_before_the_data(monkeypatch):
+    """--loss-impl triton on the CPU without Triton's interpreter: one FastclrError from setup_runtime, where it
+    used to be a RuntimeError traceback at the first step."""
+    from fastclr import triton_ntxent
+    from fastclr.errors import FastclrError
+    from fastclr.train import setup_runtime
+
+    monkeypatch.setattr(triton_ntxent, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ntxent, "available", lambda: True)
+    cfg = TrainConfig(loss_impl="triton", device="cpu")
+    with pytest.raises(FastclrError, match="--loss-impl triton: .* runs on CUDA tensors"):
+        setup_runtime(cfg)
+    setup_runtime(TrainConfig(loss_impl="tiled", device="cpu"))
+
+
 def test_steady_state_rate_leaves_out_the_warm_up_steps():
     """Marks every 10 steps: the first 20 steps took 5 s (capture, compilation), the next 40 took 0.4 s."""
     from fastclr.train import steady_images_per_second
