@@ -366,7 +366,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     cfg = eval_config(args, saved_config(read_checkpoint(args.checkpoint)))
     runtime = make_runtime(cfg.device, amp=cfg.amp, knn_backend=cfg.knn_backend, tsne_backend=cfg.tsne_backend,
                            probe_backend=cfg.probe_backend)
-    source = load_source(SourceSpec.of(cfg))
+    try:
+        source = load_source(SourceSpec.of(cfg))
+    except FastclrError as exc:
+        if args.dataset is not None:
+            raise
+        raise FastclrError(f"{exc} (the saved run's data: pass --data to say where it is now)") from None
     for note in source.notes:
         print(note)
     data = source.for_eval()

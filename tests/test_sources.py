@@ -268,7 +268,7 @@ SMALL = ["--width", "16", "--embed-dim", "16", "--proj-hidden", "32", "--proj-di
 
 
 @pytest.mark.slow
-def test_colour_npz_and_rgb_folder_train_evaluate_and_reload(tmp_path):
+def test_colour_npz_and_rgb_folder_train_evaluate_and_reload(tmp_path, capsys):
     """The .npz in this process (fastclr.train.train, fastclr.eval.main), the folder through both CLIs."""
     from fastclr.config import TrainConfig
     from fastclr.eval import main as eval_main
@@ -283,6 +283,11 @@ def test_colour_npz_and_rgb_folder_train_evaluate_and_reload(tmp_path):
                  linear_probe=False)
     m = train(TrainConfig(dataset=str(tmp_path / "c.npz"), out=str(tmp_path / "run-npz"), **small), log=lambda *a: None)
     assert eval_main(["--checkpoint", str(tmp_path / "run-npz" / "checkpoint.pt"), "--device", "cpu"]) == 0
+    (tmp_path / "c.npz").rename(tmp_path / "moved.npz")      # the saved run's data is elsewhere now: say --data
+    assert eval_main(["--checkpoint", str(tmp_path / "run-npz" / "checkpoint.pt"), "--device", "cpu"]) == 2
+    assert "pass --data to say where it is now" in capsys.readouterr().err
+    assert eval_main(["--checkpoint", str(tmp_path / "run-npz" / "checkpoint.pt"), "--device", "cpu",
+                      "--data", str(tmp_path / "moved.npz")]) == 0
     runs = [(tmp_path / "run-npz", m)]
     out = tmp_path / "run-folder"
     r = train_cli("--data", str(tmp_path / "f"), "--out", str(out), *SMALL)
