@@ -1,5 +1,5 @@
 """fastclr.kernels against the PyTorch layers they replace, forward + backward, CPU: bf16 channels_last, and bn_act
-in f32 too (the step's dtype on CPUs without native bf16)."""
+and the conv weight gradient in f32 too (the step's dtype on CPUs without native bf16)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,17 +107,22 @@ def test_stem(benchmark, impl, cin, hw):
     benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean
 
 
-@needs_bf16_dot
+@needs_kernels
 @pytest.mark.parametrize("impl", ["kernel", "aten"])
 @pytest.mark.parametrize("ci,co,hw", [(32, 64, 16), (64, 128, 8), (64, 128, 7)])
-def test_conv3x3_wgrad(benchmark, impl, ci, co, hw):
-    """A 3x3 conv's weight gradient at the cnn's stages 2 and 3 (width 32; 7 px: MNIST's stage 3), bf16
-    channels_last: fastclr's kernel against ATen's convolution_backward asked for the weight's alone."""
-    benchmark.group = f"conv3x3_wgrad-{ci}to{co}x{hw}-cpu"
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_conv3x3_wgrad(benchmark, impl, ci, co, hw, dtype):
+    """A 3x3 conv's weight gradient at the cnn's stages 2 and 3 (width 32; 7 px: MNIST's stage 3), channels_last:
+    fastclr's kernel against ATen's convolution_backward asked for the weight's alone. bf16 (training under
+    autocast) where the CPU has AVX512-BF16; f32 (training on CPUs without native bf16) everywhere."""
+    if dtype == "bf16" and not kernels.has_bf16_dot():
+        pytest.skip("the bf16 kernel is fast only with AVX512-BF16 dot products")
+    benchmark.group = f"conv3x3_wgrad-{'f32-' if dtype == 'f32' else ''}{ci}to{co}x{hw}-cpu"
     describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
-    x = torch.randn(BATCH, ci, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last)
-    g = torch.randn(BATCH, co, hw, hw).bfloat16().contiguous(memory_format=torch.channels_last)
-    w = torch.randn(co, ci, 3, 3).bfloat16()
+    t = DTYPES[dtype]
+    x = torch.randn(BATCH, ci, hw, hw).to(t).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(BATCH, co, hw, hw).to(t).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci, 3, 3).to(t)
     if impl == "kernel":
         fn = lambda: torch.ops.fastclr.conv3x3_wgrad(g, x)                                      # noqa: E731
     else:

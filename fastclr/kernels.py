@@ -13,6 +13,8 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
 * :func:`stem` (autograd): the cnn's first stage whole under bf16 autocast, the 3x3 conv of a few input channels,
   training-mode BatchNorm, the max-pool and the ReLU, on AVX512-BF16 dot products, the BN statistics summed as the
   conv writes its output and the conv's output gradient never written.
+* :func:`conv3x3` (autograd): a 3x3 conv (ATen's forward and input gradient) whose weight gradient is fastclr's,
+  register-tiled sums over the pixels: bf16 on AVX512-BF16 dot products, f32 on the native vector.
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 * :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
@@ -113,6 +115,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv3x3_wgrad.restype = ctypes.c_int
     lib.conv3x3_wgrad_scratch.argtypes = [I, I, I, I]
     lib.conv3x3_wgrad_scratch.restype = ctypes.c_long
+    lib.conv3x3_wgrad_f32.argtypes = [P, P, I, I, I, I, I, P, P, I]
+    lib.conv3x3_wgrad_f32.restype = ctypes.c_int
+    lib.conv3x3_wgrad_f32_scratch.argtypes = [I, I]
+    lib.conv3x3_wgrad_f32_scratch.restype = ctypes.c_long
+    lib.native_lanes.argtypes = []
+    lib.native_lanes.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
     lib.pool_relu_fwd.restype = lib.pool_relu_bwd.restype = lib.warp_sample.restype = lib.thickness.restype = None
     lib.set_threads.restype = None
@@ -617,17 +625,20 @@ def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, mean: Tensor | None = N
 
 @torch.library.custom_op("fastclr::conv3x3_wgrad", mutates_args=())
 def _conv3x3_wgrad(g: Tensor, x: Tensor) -> Tensor:
-    """g (N, Co, H, W) and x (N, Ci, H, W) bf16 -> the gradient (Co, Ci, 3, 3) f32 of a 3x3 conv's weight (stride 1,
-    zero padding 1, no bias) whose output gradient is g, summed in f32 (ATen's under autocast is rounded to
-    bf16)."""
+    """g (N, Co, H, W) and x (N, Ci, H, W), both bf16 or both f32 -> the gradient (Co, Ci, 3, 3) f32 of a 3x3 conv's
+    weight (stride 1, zero padding 1, no bias) whose output gradient is g, summed in f32 (ATen's under bf16 autocast
+    is rounded to bf16)."""
     n, ci, h, w = x.shape
     co = g.shape[1]
     xh, gh = _nhwc(x), _nhwc(g.to(x.dtype))
     t = _partial_threads(n)                           # the loop splits the images
     lib = _lib()
-    scratch = torch.empty(t * lib.conv3x3_wgrad_scratch(h, w, ci, co))
+    f32 = x.dtype == torch.float32
+    per = lib.conv3x3_wgrad_f32_scratch(ci, co) if f32 else lib.conv3x3_wgrad_scratch(h, w, ci, co)
+    scratch = torch.empty(t * per)
     dw = torch.empty(co, ci, 3, 3)
-    if lib.conv3x3_wgrad(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, dw.data_ptr(), scratch.data_ptr(), t) != 0:
+    call = lib.conv3x3_wgrad_f32 if f32 else lib.conv3x3_wgrad
+    if call(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, dw.data_ptr(), scratch.data_ptr(), t) != 0:
         raise ValueError("conv3x3_wgrad called on an unsupported shape (see conv3x3_supported)")
     return dw
 
@@ -639,8 +650,8 @@ def _(g, x):
 
 @torch.library.custom_op("fastclr::conv3x3", mutates_args=())
 def _conv3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """ATen's 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 with weight (Co, Ci, 3, 3) f32 rounded
-    to bf16, as under autocast; its backward takes the weight gradient from :func:`_conv3x3_wgrad`."""
+    """ATen's 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 or f32 with weight (Co, Ci, 3, 3) f32
+    cast to x's dtype (bf16: as under autocast); its backward takes the weight gradient from :func:`_conv3x3_wgrad`."""
     return F.conv2d(x, weight.to(x.dtype), padding=1)
 
 
@@ -670,17 +681,35 @@ _conv3x3.register_autograd(_conv3x3_grad, setup_context=_conv3x3_setup)
 
 def conv3x3_supported(x: Tensor, conv: nn.Module) -> bool:
     """The weight-gradient kernel takes a 3x3 ``Conv2d`` (stride 1, padding 1, no bias, f32 weights needing a
-    gradient) on a bf16 CPU (N, Ci, H, W) input, Ci % 4 == 0, Co % 16 == 0, W <= 256, while gradients
-    are recorded: training under bf16 autocast."""
+    gradient) on a bf16 or f32 CPU (N, Ci, H, W) input, Ci % 4 == 0, Co % 16 == 0, W <= 256, while gradients
+    are recorded: training. Whether it is faster than ATen's there: :func:`conv3x3_pays`."""
     return (_is_conv3x3_same(conv) and conv.weight.requires_grad and torch.is_grad_enabled()
-            and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4
             and x.shape[1] == conv.in_channels and x.shape[1] % 4 == 0 and conv.out_channels % 16 == 0
             and x.shape[3] <= 256 and x.shape[0] > 0 and available())
 
 
+# The f32 weight gradient on the native vector was measured faster than oneDNN's on AVX2 (8 lanes: 1.32x and 1.36x
+# at the cnn's stages 2 and 3, 2-core Zen 3; benchmarks/bench_kernels.py, conv3x3_wgrad-f32-*). It has not been
+# measured on an AVX-512 CPU, so there ATen's runs.
+F32_WGRAD_LANES = (8,)
+
+
+def conv3x3_pays(x: Tensor) -> bool:
+    """Whether the weight-gradient kernel beats ATen's for ``x``'s dtype on this CPU: bf16 where the dot products
+    are one AVX512-BF16 instruction, f32 where it was measured faster (F32_WGRAD_LANES)."""
+    if not available():
+        return False
+    if x.dtype == torch.bfloat16:
+        return has_bf16_dot()
+    # f32 outside autocast only: inside a bf16 region ATen's conv would compute in bf16, and so must this one
+    return x.dtype == torch.float32 and _cpu_autocast_dtype() is None and _lib().native_lanes() in F32_WGRAD_LANES
+
+
 def conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``conv(x)`` under bf16 autocast, its weight gradient computed by fastclr's kernel (dW in f32; the input's
-    gradient is ATen's). (N, Ci, H, W) bf16 -> (N, Co, H, W) bf16. Check :func:`conv3x3_supported` first."""
+    """``conv(x)`` (under bf16 autocast: bf16 x and weight), its weight gradient computed by fastclr's kernel (dW
+    in f32; the input's gradient is ATen's). (N, Ci, H, W) bf16 or f32 -> (N, Co, H, W) of x's dtype. Check
+    :func:`conv3x3_supported` first."""
     return _conv3x3(x, conv.weight)
 
 

@@ -159,7 +159,8 @@ class Encoder(nn.Module):
         ReLU become one (kernels.stem), else the normalisation before a first conv is one (written as the conv's
         input dtype under autocast); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU ->
         AvgPool2d(2) or by ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other
-        3x3 convs take their weight gradient from kernels.conv3x3 (training under bf16 autocast). The same function
+        3x3 convs take their weight gradient from kernels.conv3x3 in training where it beats ATen's
+        (kernels.conv3x3_pays: bf16 with AVX512-BF16, f32 on AVX2). The same function
         (tests/test_kernels.py, tests/test_model.py)."""
         layers = list(self.body)
         i = 0
@@ -180,7 +181,7 @@ class Encoder(nn.Module):
                 x, i = kernels.bn_act(x, layers[i], mode), i + span
             elif _is_pool_relu(layers, i) and kernels.pool_relu_supported(x):
                 x, i = kernels.pool_relu(x), i + 2
-            elif kernels.has_bf16_dot() and kernels.conv3x3_supported(x, layers[i]):
+            elif kernels.conv3x3_pays(x) and kernels.conv3x3_supported(x, layers[i]):
                 x, i = kernels.conv3x3(x, layers[i]), i + 1
             else:
                 x, i = layers[i](x), i + 1

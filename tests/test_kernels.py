@@ -359,11 +359,68 @@ def test_conv3x3_equals_aten(n, ci, co, h, w):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n,ci,co,h,w", [(4, 8, 16, 6, 6), (3, 32, 48, 10, 8), (2, 64, 128, 8, 8), (2, 4, 32, 5, 12),
+                                         (1, 16, 64, 16, 16), (3, 64, 128, 7, 7), (2, 8, 16, 4, 1), (2, 12, 16, 1, 3),
+                                         (5, 36, 64, 9, 9)])
+def test_conv3x3_f32_equals_aten(n, ci, co, h, w):
+    """In f32 (the encoders' convs on a CPU without native bf16): the output and the input gradient are ATen's,
+    bit for bit; the weight gradient (fastclr's: tiles of 6 input channels, then 2 or 4) is within 1e-5 of the
+    gradient's scale from float64, where ATen's f32 sum is."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False)
+    x = torch.randn(n, ci, h, w).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(n, co, h, w).contiguous(memory_format=torch.channels_last)
+    assert kernels.conv3x3_supported(x, conv)
+    grads = []
+    for how in ("kernel", "aten", "float64"):
+        c = copy.deepcopy(conv).double() if how == "float64" else copy.deepcopy(conv)
+        xi = (x.double() if how == "float64" else x.clone()).requires_grad_()
+        y = kernels.conv3x3(xi, c) if how == "kernel" else c(xi)
+        y.backward(g.to(y.dtype))
+        grads.append((y.double(), xi.grad.double(), c.weight.grad.double()))
+    (yk, dxk, dwk), (ya, dxa, dwa), (_, _, dw64) = grads
+    assert yk.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yk, ya, rtol=0, atol=0)
+    torch.testing.assert_close(dxk, dxa, rtol=0, atol=0)
+    scale = dw64.abs().max()
+    err_kernel, err_aten = (dwk - dw64).abs().max(), (dwa - dw64).abs().max()
+    assert err_kernel <= 1e-5 * scale and err_aten <= 1e-5 * scale, (err_kernel, err_aten)
+
+
+@needs_kernels
+def test_cnn_encoder_in_f32_takes_the_weight_gradients_where_they_pay(kernel_calls, monkeypatch):
+    """The cnn in f32 (a CPU without native bf16), kernels on and off, against float64: stages 2 and 3 take their
+    weight gradient from kernels.conv3x3 where conv3x3_pays (forced on here, so the comparison runs on any CPU),
+    and the output and every gradient are as close to float64 as ATen's (1.5x, or 1e-5 of the scale)."""
+    monkeypatch.setattr(kernels, "F32_WGRAD_LANES", (8, 16))
+    torch.manual_seed(0)
+    ref = Encoder("cnn", width=16, embed_dim=64, in_channels=3, image_size=(32, 32)).to(memory_format=torch.channels_last)
+    enc, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
+    enc.cpu_kernels = True
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    weights = torch.linspace(-1, 1, ref.out_dim)
+    outs = []
+    for e in (ref, enc, exact):
+        h = e(x.double() if e is exact else x)
+        (h.double() * weights.double()).sum().backward()
+        outs.append(h.double())
+    assert kernel_calls.get("conv3x3", 0) == 2 and kernel_calls.get("stem", 0) == 0
+    for (name, p), q, t in [(("output", None), outs[1], outs[2])] + list(zip(
+            ref.named_parameters(), (q.grad.double() for q in enc.parameters()), (t.grad for t in exact.parameters()))):
+        aten = outs[0] if name == "output" else p.grad.double()
+        err_fused, err_aten = (q - t).abs().max(), (aten - t).abs().max()
+        assert err_fused <= max(1.5 * err_aten, 1e-5 * t.abs().max()), (name, err_fused, err_aten)
+    assert not kernels.conv3x3_pays(x.bfloat16()) or kernels.has_bf16_dot()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.conv3x3_pays(x)          # f32 inside a bf16 region: ATen's conv would compute in bf16
+
+
+@needs_kernels
 def test_conv3x3_takes_only_what_it_computes():
     conv = torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)
     x = torch.randn(2, 32, 8, 8).to(torch.bfloat16)
-    assert kernels.conv3x3_supported(x, conv)
-    assert not kernels.conv3x3_supported(x.float(), conv)
+    assert kernels.conv3x3_supported(x, conv) and kernels.conv3x3_supported(x.float(), conv)
+    assert not kernels.conv3x3_supported(x.double(), conv)
     assert not kernels.conv3x3_supported(x, torch.nn.Conv2d(32, 64, 3, padding=1))            # a bias
     assert not kernels.conv3x3_supported(x, torch.nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False))
     assert not kernels.conv3x3_supported(x, torch.nn.Conv2d(32, 64, 1, bias=False))
@@ -608,7 +665,9 @@ def _op_samples():
                  smean, svar, 1e-5))]
     wx = torch.randn(2, 8, 6, 8).to(torch.bfloat16)
     bn_ops += [(torch.ops.fastclr.conv3x3.default, (wx, torch.randn(16, 8, 3, 3))),
-               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8).to(torch.bfloat16), wx))]
+               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8).to(torch.bfloat16), wx)),
+               (torch.ops.fastclr.conv3x3.default, (wx.float(), torch.randn(16, 8, 3, 3))),
+               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8), wx.float()))]
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
     cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)
     backward_ops = [(torch.ops.fastclr.pool_relu_backward.default, (torch.randn_like(out), out, idx)),

@@ -1430,6 +1430,93 @@ int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, in
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------------------------
+ * The same weight gradient in f32, on the native vector: dW[co, ci, r, s] = sum over pixels p of
+ * dy[p, co] x[p + (r - 1, s - 1), ci], x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> dw (Co, Ci, 3, 3) f32.
+ *
+ * Why: on a CPU without native bf16 the encoders train in f32, and there oneDNN runs this at ~120 GFLOP/s where its
+ * forward and input gradient run at ~190 (stages 2 and 3 of the cnn at 32 px, 2-core Zen 3): the weight gradient was
+ * the step's slowest convolution pass. Here a tile of WF_KT input channels x CT vectors of output channels at one
+ * tap (r, s) lives in registers while it sweeps one image's pixels (a few tens of KB: L1/L2): per pixel CT loads
+ * of dy, WF_KT broadcasts of x, WF_KT x CT FMAs. The tap's zero padding is the sweep's bounds (the rows and columns
+ * whose neighbour lies outside contribute nothing), so no padded copy is built. Each thread sums its images into
+ * its own f32 dW; the threads' are added in double at the end. Takes Ci % 4 == 0 and Co % VL == 0.
+ * ------------------------------------------------------------------------------------------------------------ */
+/* acc (9, Ci, Co) += one image's dW at tap rs for input channels c0 .. c0 + KT - 1 and output channels o0 ..
+ * o0 + VL CT - 1: KT x CT accumulators (KT, CT constants where inlined) */
+ALWAYS_INLINE void wf_tile(const float* x, const float* dy, int H, int W, int Ci, int Co, float* acc, int rs, int c0,
+                           int o0, const int KT, const int CT) {
+    const int r = rs / 3 - 1, s = rs % 3 - 1;                /* output pixel (h, w) meets input pixel (h + r, w + s) */
+    const int h0 = r < 0, h1 = H - (r > 0), w0 = s < 0, w1 = W - (s > 0);
+    vf a[6][4];                                             /* fixed sizes: a VLA would live in memory */
+    float* t = acc + ((long)rs * Ci + c0) * Co + o0;
+    for (int k = 0; k < KT; k++)
+        for (int c = 0; c < CT; c++) a[k][c] = nld_f32(t + (long)k * Co + VL * c);
+    for (int h = h0; h < h1; h++) {
+        const float* dr = dy + (long)h * W * Co + o0;
+        const float* xr = x + ((long)(h + r) * W + s) * Ci + c0;
+        for (int w = w0; w < w1; w++) {
+            vf d[4];
+            for (int c = 0; c < CT; c++) d[c] = nld_f32(dr + (long)w * Co + VL * c);
+            const float* xv = xr + (long)w * Ci;
+            for (int k = 0; k < KT; k++)                    /* vector x scalar: one broadcast from memory */
+                for (int c = 0; c < CT; c++) a[k][c] += d[c] * xv[k];
+        }
+    }
+    for (int k = 0; k < KT; k++)
+        for (int c = 0; c < CT; c++) nst_f32(t + (long)k * Co + VL * c, a[k][c]);
+}
+
+/* acc (9, Ci, Co) += one image's dW. Tiles of 6 input channels (the last 2 or 4 where 6 does not divide Ci): with
+ * CT = 2 that is 12 accumulators, 2 loads and 6 broadcasts per pixel, BLIS's 6 x 16 shape for AVX2's 16 registers;
+ * the FMAs (4 cycles' latency, 2 a cycle) then never wait for one another. A block of output channels stays in L1
+ * while every tap and input channel sweeps it. */
+ALWAYS_INLINE void wf_image(const float* x, const float* dy, int H, int W, int Ci, int Co, float* acc, const int CT) {
+    for (int o0 = 0; o0 < Co; o0 += VL * CT)
+        for (int rs = 0; rs < 9; rs++) {
+            int c0 = 0;
+            for (; c0 + 6 <= Ci; c0 += 6) wf_tile(x, dy, H, W, Ci, Co, acc, rs, c0, o0, 6, CT);
+            if (Ci - c0 == 4) wf_tile(x, dy, H, W, Ci, Co, acc, rs, c0, o0, 4, CT);
+            else if (Ci - c0 == 2) wf_tile(x, dy, H, W, Ci, Co, acc, rs, c0, o0, 2, CT);
+        }
+}
+
+long conv3x3_wgrad_f32_scratch(int Ci, int Co) { return ((9L * Ci * Co + 15) / 16) * 16; }
+
+/* scratch: T x conv3x3_wgrad_f32_scratch(Ci, Co) floats */
+int conv3x3_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int Ci, int Co, float* dw,
+                      float* scratch, int T) {
+    if (Ci % 4 || Co % VL) return -1;
+    const long per = conv3x3_wgrad_f32_scratch(Ci, Co), D = 9L * Ci * Co;
+    /* output vectors per tile: as many as the registers hold beside the tile's dy and broadcast (16 on AVX2, 32 on
+     * AVX-512) and Co / VL divides */
+    const int CB = Co / VL, CT = VL == 16 && CB % 4 == 0 ? 4 : CB % 2 == 0 ? 2 : 1;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float* acc = scratch + t * per;
+        memset(acc, 0, D * 4);
+        for (long n = (long)N * t / T; n < (long)N * (t + 1) / T; n++) {
+            const float* xn = x + n * H * W * Ci;
+            const float* dn = dy + n * H * W * Co;
+            if (CT == 4) wf_image(xn, dn, H, W, Ci, Co, acc, 4);
+            else if (CT == 2) wf_image(xn, dn, H, W, Ci, Co, acc, 2);
+            else wf_image(xn, dn, H, W, Ci, Co, acc, 1);
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (int co = 0; co < Co; co++)
+        for (int ci = 0; ci < Ci; ci++)
+            for (int rs = 0; rs < 9; rs++) {
+                double v = 0.0;
+                for (int t = 0; t < T; t++) v += scratch[t * per + ((long)rs * Ci + ci) * Co + co];
+                dw[((long)co * Ci + ci) * 9 + rs] = (float)v;
+            }
+    return 0;
+}
+
+/* VL: the native vector's floats (fastclr/kernels.py picks the f32 weight gradient by it) */
+int native_lanes(void) { return VL; }
+
 /* 1 where dp2 is one AVX512-BF16 instruction (fastclr uses the stem and the weight gradient only there) */
 int has_bf16_dot(void) {
 #ifdef __AVX512BF16__
