@@ -144,7 +144,7 @@ def compare(dataset: str, epochs: int, recipe: str | None, workers: int, subset:
 
     from fastclr.config import TrainConfig
     from fastclr.sources import SourceSpec, load_source
-    from fastclr.train import Dist, build_training, make_pairs, setup_runtime, total_steps
+    from fastclr.train import Dist, build_training, git_commit, make_pairs, setup_runtime, total_steps
 
     overrides = dict(dataset=dataset, epochs=epochs, train_subset=subset, tsne_points=0)
     if data_dir:
@@ -189,7 +189,7 @@ def compare(dataset: str, epochs: int, recipe: str | None, workers: int, subset:
               "embed_dim": cfg.embed_dim, "workers": workers, "threads": torch.get_num_threads(),
               "precision": runtime.amp_note, "lightly_transform": kwargs, "lightly_cannot": missing,
               "fastclr_cpu_kernels": fast.model.encoder.cpu_kernels, "lightly_layers": "PyTorch's",
-              "fastclr_augment": dataclasses.asdict(cfg.augment)}
+              "fastclr_augment": dataclasses.asdict(cfg.augment), "commit": git_commit()}
     for side, tr in (("fastclr", fast), ("lightly", slow)):
         runs = epochs_out[side]
         total = sum(r["seconds"] for r in runs)
