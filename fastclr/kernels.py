@@ -589,6 +589,12 @@ def has_bf16_dot() -> bool:
     return available() and bool(load().has_bf16_dot())
 
 
+@torch.compiler.assume_constant_result
+def native_lanes() -> int:
+    """Floats in the kernels' native vector (8 with AVX2, 16 with AVX-512); 0 where the kernels are not built."""
+    return int(load().native_lanes()) if available() else 0
+
+
 def _is_conv3x3_same(conv: nn.Module) -> bool:
     """A plain 3x3 ``Conv2d``: stride 1, zero padding 1, no bias, no groups or dilation, f32 weights."""
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
@@ -698,12 +704,10 @@ F32_WGRAD_LANES = (8,)
 def conv3x3_pays(x: Tensor) -> bool:
     """Whether the weight-gradient kernel beats ATen's for ``x``'s dtype on this CPU: bf16 where the dot products
     are one AVX512-BF16 instruction, f32 where it was measured faster (F32_WGRAD_LANES)."""
-    if not available():
-        return False
     if x.dtype == torch.bfloat16:
         return has_bf16_dot()
     # f32 outside autocast only: inside a bf16 region ATen's conv would compute in bf16, and so must this one
-    return x.dtype == torch.float32 and _cpu_autocast_dtype() is None and _lib().native_lanes() in F32_WGRAD_LANES
+    return x.dtype == torch.float32 and _cpu_autocast_dtype() is None and native_lanes() in F32_WGRAD_LANES
 
 
 def conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:

@@ -1392,6 +1392,18 @@ ALWAYS_INLINE void wg_image(const uint32_t* xi, const uint32_t* dyi, int H, int 
     }
 }
 
+/* dw (Co, Ci, 3, 3) = the sum, in double, of T threads' f32 partial sums (9, Ci, Co), per floats apart */
+static void wgrad_sum_threads(const float* scratch, long per, int T, int Ci, int Co, float* dw) {
+    #pragma omp parallel for schedule(static)
+    for (int co = 0; co < Co; co++)
+        for (int ci = 0; ci < Ci; ci++)
+            for (int rs = 0; rs < 9; rs++) {
+                double v = 0.0;
+                for (int t = 0; t < T; t++) v += scratch[t * per + ((long)rs * Ci + ci) * Co + co];
+                dw[((long)co * Ci + ci) * 9 + rs] = (float)v;
+            }
+}
+
 /* x (N, H, W, Ci), dy (N, H, W, Co) bf16 -> dw (Co, Ci, 3, 3) f32. scratch: T x conv3x3_wgrad_scratch(...) floats. */
 long conv3x3_wgrad_scratch(int H, int W, int Ci, int Co) {
     long xi = (long)(H + 2) * (W + 2) * Ci, dyi = (long)H * ((W + 1) / 2) * Co, acc = 9L * Ci * Co;
@@ -1419,14 +1431,7 @@ int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, in
             else wg_image(xi, dyi, H, W, Ci, Co, acc, &next, 1);
         }
     }
-    #pragma omp parallel for schedule(static)
-    for (int co = 0; co < Co; co++)
-        for (int ci = 0; ci < Ci; ci++)
-            for (int rs = 0; rs < 9; rs++) {
-                double v = 0.0;
-                for (int t = 0; t < T; t++) v += scratch[t * per + ((long)rs * Ci + ci) * Co + co];
-                dw[((long)co * Ci + ci) * 9 + rs] = (float)v;
-            }
+    wgrad_sum_threads(scratch, per, T, Ci, Co, dw);
     return 0;
 }
 
@@ -1503,14 +1508,7 @@ int conv3x3_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int 
             else wf_image(xn, dn, H, W, Ci, Co, acc, 1);
         }
     }
-    #pragma omp parallel for schedule(static)
-    for (int co = 0; co < Co; co++)
-        for (int ci = 0; ci < Ci; ci++)
-            for (int rs = 0; rs < 9; rs++) {
-                double v = 0.0;
-                for (int t = 0; t < T; t++) v += scratch[t * per + ((long)rs * Ci + ci) * Co + co];
-                dw[((long)co * Ci + ci) * 9 + rs] = (float)v;
-            }
+    wgrad_sum_threads(scratch, per, T, Ci, Co, dw);
     return 0;
 }
 
