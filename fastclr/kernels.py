@@ -695,9 +695,9 @@ def conv3x3_supported(x: Tensor, conv: nn.Module) -> bool:
             and x.shape[3] <= 256 and x.shape[0] > 0 and available())
 
 
-# The f32 weight gradient on the native vector was measured faster than oneDNN's on AVX2 (8 lanes: 1.32x and 1.36x
-# at the cnn's stages 2 and 3, 2-core Zen 3; benchmarks/bench_kernels.py, conv3x3_wgrad-f32-*). It has not been
-# measured on an AVX-512 CPU, so there ATen's runs.
+# The f32 weight gradient on the native vector was measured faster than oneDNN's on AVX2 (8 lanes: 1.29-1.37x at the
+# cnn's stages 2 and 3, 2-core Zen 3; benchmarks/bench_kernels.py, conv3x3_wgrad-f32-*). It has not been measured
+# on an AVX-512 CPU, so there ATen's runs.
 F32_WGRAD_LANES = (8,)
 
 

@@ -294,7 +294,10 @@ def _as_uint8(a: np.ndarray, path: Path, key: str, notes: list[str]) -> np.ndarr
                            f"{'or floats in [0, 1]' if kind == 'floats' else 'or integers in [0, 255]'}: rescale "
                            "them first")
     notes.append(f"{path.name}: {key} is {a.dtype}; read as uint8" + (" (x 255, rounded)" if kind == "floats" else ""))
-    return np.rint(a * 255.0).astype(np.uint8) if kind == "floats" else a.astype(np.uint8)
+    if kind == "integers":
+        return a.astype(np.uint8)
+    # in f32 whatever the input's float type: exact enough for x 255 to round right, half float64's memory
+    return np.rint(a.astype(np.float32, copy=False) * np.float32(255)).astype(np.uint8)
 
 
 def _npz_labels(y: np.ndarray | None, x: Tensor, path: Path, key: str) -> Tensor | None:

@@ -1441,9 +1441,9 @@ int conv3x3_wgrad(const uint16_t* x, const uint16_t* dy, int N, int H, int W, in
  *
  * Why: on a CPU without native bf16 the encoders train in f32, and there oneDNN runs this at ~120 GFLOP/s where its
  * forward and input gradient run at ~190 (stages 2 and 3 of the cnn at 32 px, 2-core Zen 3): the weight gradient was
- * the step's slowest convolution pass. Here a tile of WF_KT input channels x CT vectors of output channels at one
+ * the step's slowest convolution pass. Here a tile of KT input channels x CT vectors of output channels at one
  * tap (r, s) lives in registers while it sweeps one image's pixels (a few tens of KB: L1/L2): per pixel CT loads
- * of dy, WF_KT broadcasts of x, WF_KT x CT FMAs. The tap's zero padding is the sweep's bounds (the rows and columns
+ * of dy, KT broadcasts of x, KT x CT FMAs (wf_image says which KT and CT). The tap's zero padding is the sweep's bounds (the rows and columns
  * whose neighbour lies outside contribute nothing), so no padded copy is built. Each thread sums its images into
  * its own f32 dW; the threads' are added in double at the end. Takes Ci % 4 == 0 and Co % VL == 0.
  * ------------------------------------------------------------------------------------------------------------ */
