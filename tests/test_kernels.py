@@ -364,6 +364,32 @@ def test_conv3x3_equals_aten(n, ci, co, h, w, dtype):
     assert err_kernel <= limit and (bf16 or err_aten <= limit), (err_kernel, err_aten)
 
 
+def _layers_kernels_float64(ref: Encoder, x: torch.Tensor, autocast: bool):
+    """``ref`` (the layers), a copy with the kernels on and a float64 copy, each run forward and backward on ``x``
+    (the first two under bf16 autocast if ``autocast``): (enc, exact, [h_layers, h_kernels, h_float64])."""
+    enc, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
+    enc.cpu_kernels = True
+    weights = torch.linspace(-1, 1, ref.out_dim)
+    outs = []
+    for e in (ref, enc, exact):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and e is not exact):
+            h = e(x.double() if e is exact else x)
+        (h.double() * weights.double()).sum().backward()
+        outs.append(h.double())
+    return enc, exact, outs
+
+
+def _assert_as_close_as_aten(ref, enc, exact, outs, floor: float) -> None:
+    """The kernels' output and every parameter's gradient within 1.5x of the layers' error from float64, or within
+    ``floor`` of the value's scale."""
+    pairs = [("output", outs[1], outs[0], outs[2])] + [
+        (name, q.grad.double(), p.grad.double(), t.grad)
+        for (name, p), q, t in zip(ref.named_parameters(), enc.parameters(), exact.parameters())]
+    for name, fused, aten, truth in pairs:
+        err_fused, err_aten = (fused - truth).abs().max(), (aten - truth).abs().max()
+        assert err_fused <= max(1.5 * err_aten, floor * truth.abs().max()), (name, err_fused, err_aten)
+
+
 @needs_kernels
 def test_cnn_encoder_in_f32_takes_the_weight_gradients_where_they_pay(kernel_calls, monkeypatch):
     """The cnn in f32 (a CPU without native bf16), kernels on and off, against float64: stages 2 and 3 take their
@@ -372,21 +398,10 @@ def test_cnn_encoder_in_f32_takes_the_weight_gradients_where_they_pay(kernel_cal
     monkeypatch.setattr(kernels, "F32_WGRAD_LANES", (8, 16))
     torch.manual_seed(0)
     ref = Encoder("cnn", width=16, embed_dim=64, in_channels=3, image_size=(32, 32)).to(memory_format=torch.channels_last)
-    enc, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
-    enc.cpu_kernels = True
     x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    weights = torch.linspace(-1, 1, ref.out_dim)
-    outs = []
-    for e in (ref, enc, exact):
-        h = e(x.double() if e is exact else x)
-        (h.double() * weights.double()).sum().backward()
-        outs.append(h.double())
+    enc, exact, outs = _layers_kernels_float64(ref, x, autocast=False)
     assert kernel_calls.get("conv3x3", 0) == 2 and kernel_calls.get("stem", 0) == 0
-    for (name, p), q, t in [(("output", None), outs[1], outs[2])] + list(zip(
-            ref.named_parameters(), (q.grad.double() for q in enc.parameters()), (t.grad for t in exact.parameters()))):
-        aten = outs[0] if name == "output" else p.grad.double()
-        err_fused, err_aten = (q - t).abs().max(), (aten - t).abs().max()
-        assert err_fused <= max(1.5 * err_aten, 1e-5 * t.abs().max()), (name, err_fused, err_aten)
+    _assert_as_close_as_aten(ref, enc, exact, outs, floor=1e-5)
     assert not kernels.conv3x3_pays(x.bfloat16()) or kernels.has_bf16_dot()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.conv3x3_pays(x)          # f32 inside a bf16 region: ATen's conv would compute in bf16
@@ -419,28 +434,13 @@ def test_cnn_encoder_with_fused_bn_equals_layers(shape, kernel_calls):
     torch.manual_seed(0)
     ref = Encoder("cnn", width=16, embed_dim=64, in_channels=shape[0], image_size=shape[1:])
     ref = ref.to(memory_format=torch.channels_last)
-    enc, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
-    enc.cpu_kernels = True
     x = torch.rand(8, *shape).contiguous(memory_format=torch.channels_last)
-    weights = torch.linspace(-1, 1, ref.out_dim)
-    outs = []
-    for e in (ref, enc, exact):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=e is not exact):
-            h = e(x.double() if e is exact else x)
-        (h.double() * weights.double()).sum().backward()
-        outs.append(h.double())
+    enc, exact, outs = _layers_kernels_float64(ref, x, autocast=True)
     # where the CPU has AVX512-BF16: stage 1 whole (conv, BN, pool, ReLU), and the other convs' weight gradients
     fast = kernels.has_bf16_dot()
     assert (kernel_calls.get("stem", 0), kernel_calls.get("conv3x3", 0), kernel_calls.get("bn_act")) \
         == ((1, 2, 2) if fast else (0, 0, 3))
-
-    def close_as_aten(fused, aten, truth, name):
-        err_fused, err_aten = (fused - truth).abs().max(), (aten - truth).abs().max()
-        assert err_fused <= max(1.5 * err_aten, 1e-3 * truth.abs().max()), (name, err_fused, err_aten)
-
-    close_as_aten(outs[1], outs[0], outs[2], "output")
-    for (name, p), q, t in zip(ref.named_parameters(), enc.parameters(), exact.parameters()):
-        close_as_aten(q.grad.double(), p.grad.double(), t.grad, name)
+    _assert_as_close_as_aten(ref, enc, exact, outs, floor=1e-3)
     for (name, b), c, t in zip(ref.named_buffers(), enc.buffers(), exact.buffers()):
         if name.startswith("body.1.") and b.is_floating_point():
             # the first BN sees the same input on both paths: its statistics are as close to float64 as ATen's (the
