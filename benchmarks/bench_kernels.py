@@ -108,25 +108,52 @@ def test_stem(benchmark, impl, cin, hw):
 
 
 @needs_kernels
-@pytest.mark.parametrize("impl", ["kernel", "aten"])
+@pytest.mark.parametrize("impl", ["kernel", "winograd", "aten"])
 @pytest.mark.parametrize("ci,co,hw", [(32, 64, 16), (64, 128, 8), (64, 128, 7)])
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 def test_conv3x3_wgrad(benchmark, impl, ci, co, hw, dtype):
     """A 3x3 conv's weight gradient at the cnn's stages 2 and 3 (width 32; 7 px: MNIST's stage 3), channels_last:
-    fastclr's kernel against ATen's convolution_backward asked for the weight's alone. bf16 (training under
-    autocast) where the CPU has AVX512-BF16; f32 (training on CPUs without native bf16) everywhere."""
+    fastclr's kernels (the direct sum; in f32 also Winograd's F(2x2, 3x3)) against ATen's convolution_backward asked
+    for the weight's alone. bf16 (training under autocast) where the CPU has AVX512-BF16; f32 (training on CPUs
+    without native bf16) everywhere."""
     if dtype == "bf16" and not kernels.has_bf16_dot():
         pytest.skip("the bf16 kernel is fast only with AVX512-BF16 dot products")
+    if dtype == "bf16" and impl == "winograd":
+        pytest.skip("the Winograd kernels are f32")
     benchmark.group = f"conv3x3_wgrad-{'f32-' if dtype == 'f32' else ''}{ci}to{co}x{hw}-cpu"
-    describe(benchmark, {"kernel": "fastclr kernel", "aten": "ATen"}[impl], baseline=impl == "aten")
+    describe(benchmark, {"kernel": "fastclr kernel", "winograd": "fastclr Winograd", "aten": "ATen"}[impl],
+             baseline=impl == "aten")
     t = DTYPES[dtype]
     x = torch.randn(BATCH, ci, hw, hw).to(t).contiguous(memory_format=torch.channels_last)
     g = torch.randn(BATCH, co, hw, hw).to(t).contiguous(memory_format=torch.channels_last)
     w = torch.randn(co, ci, 3, 3).to(t)
-    if impl == "kernel":
-        fn = lambda: torch.ops.fastclr.conv3x3_wgrad(g, x)                                      # noqa: E731
+    if impl != "aten":
+        fn = lambda: torch.ops.fastclr.conv3x3_wgrad(g, x, impl == "winograd")                  # noqa: E731
     else:
         fn = lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,  # noqa: E731
                                                          [0, 0], 1, [False, True, False])
+    run(benchmark, fn, "cpu", rounds=30, warmup=3)
+    benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean
+
+
+@needs_kernels
+@pytest.mark.parametrize("impl", ["winograd", "aten"])
+@pytest.mark.parametrize("ci,co,hw", [(32, 64, 16), (64, 128, 8), (64, 128, 7)])
+def test_conv3x3_winograd(benchmark, impl, ci, co, hw):
+    """A 3x3 conv's forward and input gradient in f32 at the cnn's stages 2 and 3 (width 32; 7 px: MNIST's stage 3),
+    channels_last: fastclr's Winograd F(2x2, 3x3) (the input gradient: the same conv of the output gradient with
+    the filters flipped and transposed) against ATen's conv2d and convolution_backward asked for the input's."""
+    benchmark.group = f"conv3x3_winograd-f32-{ci}to{co}x{hw}-cpu"
+    describe(benchmark, {"winograd": "fastclr Winograd", "aten": "ATen"}[impl], baseline=impl == "aten")
+    x = torch.randn(BATCH, ci, hw, hw).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(BATCH, co, hw, hw).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci, 3, 3)
+    wt = w.flip(2, 3).transpose(0, 1)
+    if impl == "winograd":
+        fn = lambda: (torch.ops.fastclr.conv3x3(x, w, True), torch.ops.fastclr.conv3x3(g, wt, True))  # noqa: E731
+    else:
+        fn = lambda: (F.conv2d(x, w, padding=1),                                                     # noqa: E731
+                      torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                          [True, False, False]))
     run(benchmark, fn, "cpu", rounds=30, warmup=3)
     benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.mean

@@ -13,8 +13,9 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
 * :func:`stem` (autograd): the cnn's first stage whole under bf16 autocast, the 3x3 conv of a few input channels,
   training-mode BatchNorm, the max-pool and the ReLU, on AVX512-BF16 dot products, the BN statistics summed as the
   conv writes its output and the conv's output gradient never written.
-* :func:`conv3x3` (autograd): a 3x3 conv (ATen's forward and input gradient) whose weight gradient is fastclr's,
-  register-tiled sums over the pixels: bf16 on AVX512-BF16 dot products, f32 on the native vector.
+* :func:`conv3x3` (autograd): a 3x3 conv whose weight gradient is fastclr's, register-tiled sums over the pixels:
+  bf16 on AVX512-BF16 dot products, f32 on the native vector; in f32 on AVX2 its forward and input gradient are
+  fastclr's too, by Winograd's F(2x2, 3x3) (2.25x fewer multiply-adds than the direct conv).
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 * :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
@@ -119,6 +120,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv3x3_wgrad_f32.restype = ctypes.c_int
     lib.conv3x3_wgrad_f32_scratch.argtypes = [I, I]
     lib.conv3x3_wgrad_f32_scratch.restype = ctypes.c_long
+    lib.conv3x3_winograd_f32.argtypes = [P, P, I, I, I, I, I, P, P, I]
+    lib.conv3x3_winograd_f32.restype = ctypes.c_int
+    lib.conv3x3_winograd_f32_scratch.argtypes = [I]
+    lib.conv3x3_winograd_f32_scratch.restype = ctypes.c_long
+    lib.conv3x3_winograd_wgrad_f32.argtypes = [P, P, I, I, I, I, I, P, I]
+    lib.conv3x3_winograd_wgrad_f32.restype = ctypes.c_int
+    lib.conv3x3_winograd_wgrad_f32_scratch.argtypes = [I, I]
+    lib.conv3x3_winograd_wgrad_f32_scratch.restype = ctypes.c_long
     lib.native_lanes.argtypes = []
     lib.native_lanes.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
@@ -630,10 +639,12 @@ def stem(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, mean: Tensor | None = N
 # --------------------------------------------------------------------------- a 3x3 conv's weight gradient
 
 @torch.library.custom_op("fastclr::conv3x3_wgrad", mutates_args=())
-def _conv3x3_wgrad(g: Tensor, x: Tensor) -> Tensor:
+def _conv3x3_wgrad(g: Tensor, x: Tensor, winograd: bool) -> Tensor:
     """g (N, Co, H, W) and x (N, Ci, H, W), both bf16 or both f32 -> the gradient (Co, Ci, 3, 3) f32 of a 3x3 conv's
     weight (stride 1, zero padding 1, no bias) whose output gradient is g, summed in f32 (ATen's under bf16 autocast
-    is rounded to bf16)."""
+    is rounded to bf16): directly, or (f32, ``winograd``) as the transpose of Winograd's F(2x2, 3x3)."""
+    if winograd:
+        return _winograd_wgrad(g, x)
     n, ci, h, w = x.shape
     co = g.shape[1]
     xh, gh = _nhwc(x), _nhwc(g.to(x.dtype))
@@ -650,36 +661,91 @@ def _conv3x3_wgrad(g: Tensor, x: Tensor) -> Tensor:
 
 
 @_conv3x3_wgrad.register_fake
-def _(g, x):
+def _(g, x, winograd):
     return x.new_empty(g.shape[1], x.shape[1], 3, 3, dtype=torch.float32)
 
 
+# Winograd's F(2x2, 3x3) weight transform: U = G w G^T (4 x 4 per filter)
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """(Co, Ci, 3, 3) f32 -> U = G w G^T, packed (Co / 16, 16, Ci, 16) as ``conv3x3_winograd_f32`` reads it: the 16
+    transformed positions of one block of 16 output channels in one contiguous run."""
+    co, ci = weight.shape[:2]
+    g = weight.new_tensor(_WINOGRAD_G)
+    u = torch.einsum("ay,oiyx,bx->abio", g, weight, g).reshape(16, ci, co // 16, 16)
+    return u.permute(2, 0, 1, 3).contiguous()
+
+
+def _winograd_tiles(x: Tensor) -> int:
+    return x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+
+
+def _winograd_wgrad(g: Tensor, x: Tensor) -> Tensor:
+    """g (N, Co, H, W) and x (N, Ci, H, W) f32 -> dW (Co, Ci, 3, 3) f32 = G^T dU G, dU the threads' sums of the 16
+    transformed positions' GEMMs (the C file says how). Ci and Co multiples of 16."""
+    n, ci, h, w = x.shape
+    co = g.shape[1]
+    xh, gh = _nhwc(x), _nhwc(g)
+    t = _partial_threads(_winograd_tiles(x))
+    lib = _lib()
+    per = lib.conv3x3_winograd_wgrad_f32_scratch(ci, co)
+    scratch = torch.empty(t * per)
+    if lib.conv3x3_winograd_wgrad_f32(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, scratch.data_ptr(), t):
+        raise ValueError("conv3x3 by Winograd called on an unsupported shape (see winograd_supported)")
+    du = scratch.view(t, per)[:, :16 * ci * co].sum(0).view(co // 16, 4, 4, ci, 16)    # (Co / 16, 4, 4, Ci, 16)
+    gt = du.new_tensor(_WINOGRAD_G)
+    return torch.einsum("ay,kabiq,bx->kqiyx", gt, du, gt).reshape(co, ci, 3, 3)
+
+
+def _winograd(x: Tensor, weight: Tensor) -> Tensor:
+    """The 3x3 conv (stride 1, padding 1) of x (N, Ci, H, W) f32 with weight (Co, Ci, 3, 3) f32 by Winograd's
+    F(2x2, 3x3) (the C file says why it is faster) -> (N, Co, H, W) channels_last. Ci and Co multiples of 16."""
+    n, ci, h, w = x.shape
+    co = weight.shape[0]
+    xh, u = _nhwc(x), winograd_weight(weight)
+    t = _partial_threads(_winograd_tiles(x))
+    lib = _lib()
+    scratch = torch.empty(t * lib.conv3x3_winograd_f32_scratch(ci))
+    y = torch.empty(n, h, w, co)
+    if lib.conv3x3_winograd_f32(xh.data_ptr(), u.data_ptr(), n, h, w, ci, co, y.data_ptr(), scratch.data_ptr(), t):
+        raise ValueError("conv3x3 by Winograd called on an unsupported shape (see winograd_supported)")
+    return y.permute(0, 3, 1, 2)
+
+
 @torch.library.custom_op("fastclr::conv3x3", mutates_args=())
-def _conv3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """ATen's 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 or f32 with weight (Co, Ci, 3, 3) f32
-    cast to x's dtype (bf16: as under autocast); its backward takes the weight gradient from :func:`_conv3x3_wgrad`."""
+def _conv3x3(x: Tensor, weight: Tensor, winograd: bool) -> Tensor:
+    """The 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 or f32 with weight (Co, Ci, 3, 3) f32 cast
+    to x's dtype (bf16: as under autocast): ATen's, or fastclr's Winograd kernel in f32 (``winograd``); its backward
+    takes the weight gradient from :func:`_conv3x3_wgrad`, and the input gradient from the same forward."""
+    if winograd:
+        return _winograd(x, weight)
     return F.conv2d(x, weight.to(x.dtype), padding=1)
 
 
 @_conv3x3.register_fake
-def _(x, weight):
+def _(x, weight, winograd):
     y = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    return y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else y
+    return y.contiguous(memory_format=torch.channels_last) if winograd or (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else y
 
 
 def _conv3x3_setup(ctx, inputs, output):
-    x, weight = inputs
+    x, weight, ctx.winograd = inputs
     ctx.save_for_backward(x, weight)
 
 
 def _conv3x3_grad(ctx, g):
     x, weight = ctx.saved_tensors
     dx = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and ctx.winograd:
+        # a stride-1 'same' conv's input gradient is the conv of g with the filters flipped and in and out swapped
+        dx = _conv3x3(g, weight.flip(2, 3).transpose(0, 1), True)
+    elif ctx.needs_input_grad[0]:
         dx = torch.ops.aten.convolution_backward(g, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False,
                                                  [0, 0], 1, [True, False, False])[0]
-    return dx, _conv3x3_wgrad(g, x) if ctx.needs_input_grad[1] else None
+    return dx, _conv3x3_wgrad(g, x, ctx.winograd) if ctx.needs_input_grad[1] else None, None
 
 
 _conv3x3.register_autograd(_conv3x3_grad, setup_context=_conv3x3_setup)
@@ -710,11 +776,28 @@ def conv3x3_pays(x: Tensor) -> bool:
     return x.dtype == torch.float32 and _cpu_autocast_dtype() is None and native_lanes() in F32_WGRAD_LANES
 
 
-def conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
+# Winograd's f32 conv was measured faster than oneDNN's direct one on AVX2 (8 lanes: 1.3-1.8x, forward and input
+# gradient, at the cnn's stages 2 and 3, 2-core Zen 3; benchmarks/bench_kernels.py, conv3x3_winograd-*). It has not
+# been measured on an AVX-512 CPU, so there ATen's runs.
+WINOGRAD_LANES = (8,)
+
+
+def winograd_supported(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether :func:`conv3x3` computes ``conv(x)`` and its input gradient by Winograd: f32 outside autocast, where the
+    native vector's width is in WINOGRAD_LANES, Ci and Co multiples of 16 (the input gradient's Co is the conv's
+    Ci). Check :func:`conv3x3_supported` first."""
+    return (x.dtype == torch.float32 and _cpu_autocast_dtype() is None and native_lanes() in WINOGRAD_LANES
+            and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0)
+
+
+def conv3x3(x: Tensor, conv: nn.Conv2d, winograd: bool | None = None) -> Tensor:
     """``conv(x)`` (under bf16 autocast: bf16 x and weight), its weight gradient computed by fastclr's kernel (dW
-    in f32; the input's gradient is ATen's). (N, Ci, H, W) bf16 or f32 -> (N, Co, H, W) of x's dtype. Check
+    in f32); the forward and the input gradient are fastclr's Winograd conv where ``winograd`` (default: where
+    :func:`winograd_supported`), else ATen's. (N, Ci, H, W) bf16 or f32 -> (N, Co, H, W) of x's dtype. Check
     :func:`conv3x3_supported` first."""
-    return _conv3x3(x, conv.weight)
+    if winograd is None:
+        winograd = winograd_supported(x, conv)
+    return _conv3x3(x, conv.weight, winograd)
 
 
 # --------------------------------------------------------------------------- the encoders' input normalisation

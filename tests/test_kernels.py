@@ -351,7 +351,7 @@ def test_conv3x3_equals_aten(n, ci, co, h, w, dtype):
             with torch.no_grad():
                 c.weight.copy_(conv.weight.to(dtype).double())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and how == "aten"):
-            y = kernels.conv3x3(xi, c) if how == "kernel" else c(xi)
+            y = kernels.conv3x3(xi, c, winograd=False) if how == "kernel" else c(xi)
         y.backward(g.to(y.dtype))
         grads.append((y.double(), xi.grad.double(), c.weight.grad.double()))
     (yk, dxk, dwk), (ya, dxa, dwa), (_, _, dw64) = grads
@@ -362,6 +362,49 @@ def test_conv3x3_equals_aten(n, ci, co, h, w, dtype):
     err_kernel, err_aten = (dwk - dw64).abs().max(), (dwa - dw64).abs().max()
     limit = min(1.5 * err_aten, 1e-5 * scale) if bf16 else 1e-5 * scale
     assert err_kernel <= limit and (bf16 or err_aten <= limit), (err_kernel, err_aten)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,ci,co,h,w", [(4, 16, 16, 6, 6), (3, 32, 64, 16, 16), (2, 64, 128, 8, 8), (3, 64, 128, 7, 7),
+                                         (1, 16, 48, 10, 14), (1, 48, 16, 9, 3), (2, 32, 16, 1, 1), (1, 16, 32, 13, 1),
+                                         (1, 16, 16, 5, 5), (4, 128, 64, 5, 7)])
+def test_conv3x3_winograd_against_float64(n, ci, co, h, w):
+    """conv3x3 by Winograd (f32: forward, input gradient and weight gradient all fastclr's) against the same conv in
+    float64: each within 1e-5 of its scale, where ATen's f32 conv is. The shapes cover odd sides (the last tile
+    half outside the image), one-pixel images, a block of 30 tiles that ends inside an image (4 x 12 tiles), the
+    last block's every remainder after groups of 6 tiles (1 to 5: 7, 32, 9, 10, 35 tiles), and input channels in
+    tails of 4 (16, 64), 2 (32, 128) and none (48) after groups of 6."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False)
+    x = torch.randn(n, ci, h, w).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(n, co, h, w).contiguous(memory_format=torch.channels_last)
+    assert kernels.conv3x3_supported(x, conv)
+    results = []
+    for how in ("winograd", "aten", "float64"):
+        c = copy.deepcopy(conv).double() if how == "float64" else copy.deepcopy(conv)
+        xi = (x.double() if how == "float64" else x.clone()).requires_grad_()
+        y = kernels.conv3x3(xi, c, winograd=True) if how == "winograd" else c(xi)
+        y.backward(g.to(y.dtype))
+        results.append((y.double(), xi.grad.double(), c.weight.grad.double()))
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    for name, wino, aten, truth in zip(("output", "input gradient", "weight gradient"), *results):
+        limit = 1e-5 * truth.abs().max()
+        err_wino, err_aten = (wino - truth).abs().max(), (aten - truth).abs().max()
+        assert err_wino <= limit and err_aten <= limit, (name, err_wino, err_aten)
+
+
+@needs_kernels
+def test_winograd_takes_only_what_it_computes():
+    """Winograd runs on f32 outside autocast, on the CPUs where it was measured faster, with Ci and Co multiples of
+    16 (the input gradient's output channels are the conv's input channels)."""
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    x = torch.randn(2, 32, 8, 8)
+    assert kernels.winograd_supported(x, conv) == (kernels.native_lanes() in kernels.WINOGRAD_LANES)
+    assert not kernels.winograd_supported(x.bfloat16(), conv)
+    assert not kernels.winograd_supported(x[:, :8], torch.nn.Conv2d(8, 64, 3, padding=1, bias=False))
+    assert not kernels.winograd_supported(x, torch.nn.Conv2d(32, 40, 3, padding=1, bias=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.winograd_supported(x, conv)       # ATen's conv would compute in bf16 here
 
 
 def _layers_kernels_float64(ref: Encoder, x: torch.Tensor, autocast: bool):
@@ -391,11 +434,14 @@ def _assert_as_close_as_aten(ref, enc, exact, outs, floor: float) -> None:
 
 
 @needs_kernels
-def test_cnn_encoder_in_f32_takes_the_weight_gradients_where_they_pay(kernel_calls, monkeypatch):
+@pytest.mark.parametrize("winograd", [False, True])
+def test_cnn_encoder_in_f32_takes_the_convs_where_they_pay(kernel_calls, monkeypatch, winograd):
     """The cnn in f32 (a CPU without native bf16), kernels on and off, against float64: stages 2 and 3 take their
-    weight gradient from kernels.conv3x3 where conv3x3_pays (forced on here, so the comparison runs on any CPU),
-    and the output and every gradient are as close to float64 as ATen's (1.5x, or 1e-5 of the scale)."""
+    weight gradient from kernels.conv3x3 where conv3x3_pays, and with ``winograd`` their forward and input gradient
+    too (both forced on or off here, so the comparison runs on any CPU), and the output and every gradient are as
+    close to float64 as ATen's (1.5x, or 1e-5 of the scale)."""
     monkeypatch.setattr(kernels, "F32_WGRAD_LANES", (8, 16))
+    monkeypatch.setattr(kernels, "WINOGRAD_LANES", (8, 16) if winograd else ())
     torch.manual_seed(0)
     ref = Encoder("cnn", width=16, embed_dim=64, in_channels=3, image_size=(32, 32)).to(memory_format=torch.channels_last)
     x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -641,10 +687,13 @@ def _op_samples():
                 (torch.randn_like(sout), sxp, sy, sidx, symax, sconv.weight.detach(), bn.weight.detach(), bn.bias.detach(),
                  smean, svar, 1e-5))]
     wx = torch.randn(2, 8, 6, 8).to(torch.bfloat16)
-    bn_ops += [(torch.ops.fastclr.conv3x3.default, (wx, torch.randn(16, 8, 3, 3))),
-               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8).to(torch.bfloat16), wx)),
-               (torch.ops.fastclr.conv3x3.default, (wx.float(), torch.randn(16, 8, 3, 3))),
-               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8), wx.float()))]
+    wy = torch.randn(2, 16, 5, 7)
+    bn_ops += [(torch.ops.fastclr.conv3x3.default, (wx, torch.randn(16, 8, 3, 3), False)),
+               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8).to(torch.bfloat16), wx, False)),
+               (torch.ops.fastclr.conv3x3.default, (wx.float(), torch.randn(16, 8, 3, 3), False)),
+               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 16, 6, 8), wx.float(), False)),
+               (torch.ops.fastclr.conv3x3.default, (wy, torch.randn(32, 16, 3, 3), True)),
+               (torch.ops.fastclr.conv3x3_wgrad.default, (torch.randn(2, 32, 5, 7), wy, True))]
     out, idx = torch.ops.fastclr.pool_relu(pool_x[0].detach())
     cout, cidx = torch.ops.fastclr.conv3x3_pool_relu(x, conv.weight.detach(), conv.bias.detach(), 0.13, 0.31, False)
     backward_ops = [(torch.ops.fastclr.pool_relu_backward.default, (torch.randn_like(out), out, idx)),

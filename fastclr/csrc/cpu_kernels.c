@@ -1512,6 +1512,212 @@ int conv3x3_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int 
     return 0;
 }
 
+/* ---------------------------------------------------------------- a 3x3 conv in f32 by Winograd's F(2x2, 3x3)
+ *
+ * y (N, H, W, Co) = the 3x3 conv (stride 1, zero padding 1) of x (N, H, W, Ci), computed per 2x2 output tile as
+ * y_tile = A^T [ U (.) (B^T d B) ] A, d the tile's 4x4 input patch, U = G w G^T the weight transformed (by
+ * fastclr/kernels.py). Why it is faster than oneDNN's direct conv, which runs at this CPU's peak: the product
+ * (.) summed over Ci is 16 GEMMs (one per transformed position p) of 16 multiply-adds per tile where the direct
+ * conv needs 36, 2.25x fewer; the transforms are additions only. Blocks of WINO_TILES tiles are transformed into a
+ * per-thread V (16, WINO_TILES, Ci) that stays in L2 while every block of 16 output channels sweeps it, so the
+ * transformed data never goes to memory. U is packed (Co / 16, 16, Ci, 16): one block's 16 GEMMs read one
+ * contiguous run. Rounding: f32 throughout; the transforms' additions and the halves in G add a few ulps over the
+ * direct sum (tests/test_kernels.py bounds the error from float64). The input gradient of the same conv is this
+ * conv of dy with the weight flipped and transposed (fastclr/kernels.py). */
+#define WINO_TILES 30      /* 5 micro-tiles of 6; measured best of 18, 30, 48, 72 on a Zen 3 */
+#define WN (16 / VL)       /* native vectors per block of 16 output channels */
+
+/* V (16, WINO_TILES, Ci) <- B^T d B for tiles g0 .. g0 + nt (numbered image by image, row by row) */
+static void wino_input(const float* x, int H, int W, int Ci, long g0, int nt, int TH, int TW, float* V) {
+    const long per = (long)TH * TW, s = (long)WINO_TILES * Ci;
+    for (int t = 0; t < nt; t++) {
+        const long g = g0 + t, n = g / per;
+        const int r = g % per, h0 = 2 * (r / TW) - 1, w0 = 2 * (r % TW) - 1;
+        const float* xn = x + n * H * W * Ci;
+        for (int c = 0; c < Ci; c += VL) {
+            vf d[4][4], u[4][4], z = {0};
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) {
+                    const int h = h0 + i, w = w0 + j;
+                    d[i][j] = h >= 0 && h < H && w >= 0 && w < W ? nld_f32(xn + ((long)h * W + w) * Ci + c) : z;
+                }
+            for (int j = 0; j < 4; j++) {                    /* B^T d: rows */
+                u[0][j] = d[0][j] - d[2][j]; u[1][j] = d[1][j] + d[2][j];
+                u[2][j] = d[2][j] - d[1][j]; u[3][j] = d[1][j] - d[3][j];
+            }
+            for (int i = 0; i < 4; i++) {                    /* (B^T d) B: columns */
+                float* o = V + ((long)4 * i * WINO_TILES + t) * Ci + c;
+                nst_f32(o, u[i][0] - u[i][2]); nst_f32(o + s, u[i][1] + u[i][2]);
+                nst_f32(o + 2 * s, u[i][2] - u[i][1]); nst_f32(o + 3 * s, u[i][1] - u[i][3]);
+            }
+        }
+    }
+}
+
+/* M (16, WINO_TILES, 16) <- V_p U_p for tiles t0 .. t0 + KT, one 16-channel block u of U: KT x WN accumulators
+ * (12 on AVX2: BLIS's 6 x 16 shape, as in wf_tile), 1 broadcast of V per tile and WN loads of U per input channel */
+ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int t0, float* M, const int KT) {
+    for (int p = 0; p < 16; p++) {
+        vf a[6][WN], z = {0};
+        for (int k = 0; k < KT; k++)
+            for (int c = 0; c < WN; c++) a[k][c] = z;
+        const float* v = V + ((long)p * WINO_TILES + t0) * Ci;
+        const float* up = u + (long)p * Ci * 16;
+        for (int ci = 0; ci < Ci; ci++) {
+            vf b[WN];
+            for (int c = 0; c < WN; c++) b[c] = nld_f32(up + ci * 16 + VL * c);
+            for (int k = 0; k < KT; k++) {
+                const float e = v[(long)k * Ci + ci];
+                for (int c = 0; c < WN; c++) a[k][c] += b[c] * e;
+            }
+        }
+        float* m = M + ((long)p * WINO_TILES + t0) * 16;
+        for (int k = 0; k < KT; k++)
+            for (int c = 0; c < WN; c++) nst_f32(m + k * 16 + VL * c, a[k][c]);
+    }
+}
+
+/* y's channels o0 .. o0 + 16 of tiles g0 .. g0 + nt <- A^T M A (the 2x2 outputs inside the image) */
+static void wino_output(const float* M, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* y) {
+    const long per = (long)TH * TW;
+    for (int t = 0; t < nt; t++) {
+        const long g = g0 + t, n = g / per;
+        const int r = g % per, h0 = 2 * (r / TW), w0 = 2 * (r % TW);
+        for (int c = 0; c < 16; c += VL) {
+            vf m[4][4], q[2][4];
+            for (int p = 0; p < 16; p++) m[p / 4][p % 4] = nld_f32(M + ((long)p * WINO_TILES + t) * 16 + c);
+            for (int j = 0; j < 4; j++) {                    /* A^T M: rows */
+                q[0][j] = m[0][j] + m[1][j] + m[2][j]; q[1][j] = m[1][j] - m[2][j] - m[3][j];
+            }
+            for (int i = 0; i < 2 && h0 + i < H; i++) {      /* (A^T M) A: columns */
+                float* o = y + ((n * H + h0 + i) * W + w0) * Co + o0 + c;
+                nst_f32(o, q[i][0] + q[i][1] + q[i][2]);
+                if (w0 + 1 < W) nst_f32(o + Co, q[i][1] - q[i][2] - q[i][3]);
+            }
+        }
+    }
+}
+
+long conv3x3_winograd_f32_scratch(int Ci) { return 16L * WINO_TILES * (Ci + 16); }
+
+/* x (N, H, W, Ci), U (Co / 16, 16, Ci, 16) -> y (N, H, W, Co), all f32; Ci % VL == 0 and Co % 16 == 0.
+ * scratch: T x conv3x3_winograd_f32_scratch(Ci) floats */
+int conv3x3_winograd_f32(const float* x, const float* U, int N, int H, int W, int Ci, int Co, float* y,
+                         float* scratch, int T) {
+    if (Ci % VL || Co % 16) return -1;
+    const int TH = (H + 1) / 2, TW = (W + 1) / 2;
+    const long tiles = (long)N * TH * TW, blocks = (tiles + WINO_TILES - 1) / WINO_TILES;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float* V = scratch + t * conv3x3_winograd_f32_scratch(Ci);
+        float* M = V + 16L * WINO_TILES * Ci;
+        for (long b = blocks * t / T; b < blocks * (t + 1) / T; b++) {
+            const long g0 = b * WINO_TILES;
+            const int nt = tiles - g0 < WINO_TILES ? (int)(tiles - g0) : WINO_TILES;
+            wino_input(x, H, W, Ci, g0, nt, TH, TW, V);
+            for (int o0 = 0; o0 < Co; o0 += 16) {
+                const float* u = U + (long)o0 * 16 * Ci;
+                int t0 = 0;
+                for (; t0 + 6 <= nt; t0 += 6) wino_gemm(V, u, Ci, t0, M, 6);
+                switch (nt - t0) {                           /* the last block's remainder */
+                    case 5: wino_gemm(V, u, Ci, t0, M, 5); break;
+                    case 4: wino_gemm(V, u, Ci, t0, M, 4); break;
+                    case 3: wino_gemm(V, u, Ci, t0, M, 3); break;
+                    case 2: wino_gemm(V, u, Ci, t0, M, 2); break;
+                    case 1: wino_gemm(V, u, Ci, t0, M, 1); break;
+                }
+                wino_output(M, H, W, Co, o0, g0, nt, TH, TW, y);
+            }
+        }
+    }
+    return 0;
+}
+
+/* The weight gradient by the same transform: the forward is linear in U, so dU_p (Ci, Co) = sum over tiles of
+ * V_p^T dM_p, where dM = A dy A^T is the 2x2 output gradient of a tile carried back to its 16 positions (zero where
+ * the tile runs past the image), and dW = G^T dU G (fastclr/kernels.py). 16 GEMMs of K = tiles, again 16
+ * multiply-adds per tile and channel pair where the direct sum (conv3x3_wgrad_f32) needs 36. */
+
+/* dM (16, WINO_TILES, 16) <- A dy A^T for channels o0 .. o0 + 16 of tiles g0 .. g0 + nt */
+static void wino_dy(const float* dy, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* dM) {
+    const long per = (long)TH * TW;
+    for (int t = 0; t < nt; t++) {
+        const long g = g0 + t, n = g / per;
+        const int r = g % per, h0 = 2 * (r / TW), w0 = 2 * (r % TW);
+        for (int c = 0; c < 16; c += VL) {
+            vf d[2][2], q[4][2], z = {0};
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 2; j++)
+                    d[i][j] = h0 + i < H && w0 + j < W ? nld_f32(dy + ((n * H + h0 + i) * W + w0 + j) * Co + o0 + c) : z;
+            for (int j = 0; j < 2; j++) {                    /* A dy: rows */
+                q[0][j] = d[0][j]; q[1][j] = d[0][j] + d[1][j]; q[2][j] = d[0][j] - d[1][j]; q[3][j] = -d[1][j];
+            }
+            for (int i = 0; i < 4; i++) {                    /* (A dy) A^T: columns */
+                float* o = dM + ((long)4 * i * WINO_TILES + t) * 16 + c;
+                const long s = (long)WINO_TILES * 16;
+                nst_f32(o, q[i][0]); nst_f32(o + s, q[i][0] + q[i][1]);
+                nst_f32(o + 2 * s, q[i][0] - q[i][1]); nst_f32(o + 3 * s, -q[i][1]);
+            }
+        }
+    }
+}
+
+/* du (16, Ci, 16), one 16-channel block of dU, += V_p^T dM_p for input channels c0 .. c0 + KT over nt tiles: KT x WN
+ * accumulators, WN loads of dM and KT broadcasts of V per tile (BLIS's 6 x 16 shape, as in wf_tile) */
+ALWAYS_INLINE void wino_wgrad_tile(const float* V, const float* dM, int Ci, int nt, int c0, float* du, const int KT) {
+    for (int p = 0; p < 16; p++) {
+        vf a[6][WN];
+        float* o = du + ((long)p * Ci + c0) * 16;
+        for (int k = 0; k < KT; k++)
+            for (int c = 0; c < WN; c++) a[k][c] = nld_f32(o + k * 16 + VL * c);
+        const float* v = V + (long)p * WINO_TILES * Ci + c0;
+        const float* m = dM + (long)p * WINO_TILES * 16;
+        for (int t = 0; t < nt; t++) {
+            vf b[WN];
+            for (int c = 0; c < WN; c++) b[c] = nld_f32(m + t * 16 + VL * c);
+            for (int k = 0; k < KT; k++) {
+                const float e = v[(long)t * Ci + k];
+                for (int c = 0; c < WN; c++) a[k][c] += b[c] * e;
+            }
+        }
+        for (int k = 0; k < KT; k++)
+            for (int c = 0; c < WN; c++) nst_f32(o + k * 16 + VL * c, a[k][c]);
+    }
+}
+
+long conv3x3_winograd_wgrad_f32_scratch(int Ci, int Co) { return 16L * (WINO_TILES * (Ci + 16) + (long)Ci * Co); }
+
+/* x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> each thread's dU (Co / 16, 16, Ci, 16) in its scratch, at
+ * conv3x3_winograd_wgrad_f32_scratch(Ci, Co) floats apart (fastclr/kernels.py sums them and applies G^T . G);
+ * Ci % VL == 0, Ci % 2 == 0 and Co % 16 == 0. */
+int conv3x3_winograd_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int Ci, int Co,
+                               float* scratch, int T) {
+    if (Ci % VL || Ci % 2 || Co % 16) return -1;
+    const int TH = (H + 1) / 2, TW = (W + 1) / 2;
+    const long tiles = (long)N * TH * TW, blocks = (tiles + WINO_TILES - 1) / WINO_TILES;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float* du = scratch + t * conv3x3_winograd_wgrad_f32_scratch(Ci, Co);
+        float* V = du + 16L * Ci * Co;
+        float* dM = V + 16L * WINO_TILES * Ci;
+        memset(du, 0, 16L * Ci * Co * 4);
+        for (long b = blocks * t / T; b < blocks * (t + 1) / T; b++) {
+            const long g0 = b * WINO_TILES;
+            const int nt = tiles - g0 < WINO_TILES ? (int)(tiles - g0) : WINO_TILES;
+            wino_input(x, H, W, Ci, g0, nt, TH, TW, V);
+            for (int o0 = 0; o0 < Co; o0 += 16) {
+                float* dub = du + (long)o0 * 16 * Ci;
+                wino_dy(dy, H, W, Co, o0, g0, nt, TH, TW, dM);
+                int c0 = 0;
+                for (; c0 + 6 <= Ci; c0 += 6) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 6);
+                if (Ci - c0 == 4) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 4);
+                else if (Ci - c0 == 2) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 2);
+            }
+        }
+    }
+    return 0;
+}
+
 /* VL: the native vector's floats (fastclr/kernels.py picks the f32 weight gradient by it) */
 int native_lanes(void) { return VL; }
 
