@@ -93,8 +93,11 @@ def test_conv3x3_pool_relu_bf16_autocast_is_at_least_as_accurate_as_aten():
 
 @needs_kernels
 @pytest.mark.parametrize("arch,width", [("tutorial", 16), ("cnn", 16), ("cnn", 32)])
-def test_encoder_with_kernels_equals_layers(arch, width, kernel_calls):
-    """The whole encoder, kernels on vs off (fp32, train mode): outputs and every parameter's gradient."""
+def test_encoder_with_kernels_equals_layers(arch, width, kernel_calls, monkeypatch):
+    """The whole encoder, kernels on vs off (fp32, train mode): outputs and every parameter's gradient. The convs
+    stay ATen's (Winograd's, less exact by design, are held against float64 in
+    test_cnn_encoder_in_f32_takes_the_convs_where_they_pay)."""
+    monkeypatch.setattr(kernels, "WINOGRAD_LANES", ())
     torch.manual_seed(0)
     enc = Encoder(arch, width=width).to(memory_format=torch.channels_last)
     x = torch.rand(6, 1, 28, 28)
@@ -370,7 +373,10 @@ def test_conv3x3_equals_aten(n, ci, co, h, w, dtype):
                                          (1, 16, 16, 5, 5), (4, 128, 64, 5, 7)])
 def test_conv3x3_winograd_against_float64(n, ci, co, h, w):
     """conv3x3 by Winograd (f32: forward, input gradient and weight gradient all fastclr's) against the same conv in
-    float64: each within 1e-5 of its scale, where ATen's f32 conv is. The shapes cover odd sides (the last tile
+    float64, where ATen's f32 conv is within 1e-5 of each value's scale: the weight gradient (F(2x2, 3x3), whose
+    transforms hold only +-1 and halves) within that too; the output and input gradient (F(4x4, 3x3), whose
+    constants up to 8 and 1/24 amplify f32 rounding, measured at 2e-6 to 1e-5 of the scale at these shapes) within
+    5e-5, still 20x inside the 1e-3 that bf16 autocast trains with. The shapes cover odd sides (the last tile
     half outside the image), one-pixel images, a block of 30 tiles that ends inside an image (4 x 12 tiles), the
     last block's every remainder after groups of 6 tiles (1 to 5: 7, 32, 9, 10, 35 tiles), and input channels in
     tails of 4 (16, 64), 2 (32, 128) and none (48) after groups of 6."""
@@ -387,10 +393,11 @@ def test_conv3x3_winograd_against_float64(n, ci, co, h, w):
         y.backward(g.to(y.dtype))
         results.append((y.double(), xi.grad.double(), c.weight.grad.double()))
     assert results[0][0].is_contiguous(memory_format=torch.channels_last)
-    for name, wino, aten, truth in zip(("output", "input gradient", "weight gradient"), *results):
-        limit = 1e-5 * truth.abs().max()
+    for name, floor, wino, aten, truth in zip(("output", "input gradient", "weight gradient"), (5e-5, 5e-5, 1e-5),
+                                              *results):
+        scale = truth.abs().max()
         err_wino, err_aten = (wino - truth).abs().max(), (aten - truth).abs().max()
-        assert err_wino <= limit and err_aten <= limit, (name, err_wino, err_aten)
+        assert err_wino <= floor * scale and err_aten <= 1e-5 * scale, (name, err_wino, err_aten)
 
 
 @needs_kernels
@@ -439,7 +446,8 @@ def test_cnn_encoder_in_f32_takes_the_convs_where_they_pay(kernel_calls, monkeyp
     """The cnn in f32 (a CPU without native bf16), kernels on and off, against float64: stages 2 and 3 take their
     weight gradient from kernels.conv3x3 where conv3x3_pays, and with ``winograd`` their forward and input gradient
     too (both forced on or off here, so the comparison runs on any CPU), and the output and every gradient are as
-    close to float64 as ATen's (1.5x, or 1e-5 of the scale)."""
+    close to float64 as ATen's (1.5x), or within 1e-5 of the scale (5e-5 with Winograd's F(4x4, 3x3): see
+    test_conv3x3_winograd_against_float64)."""
     monkeypatch.setattr(kernels, "F32_WGRAD_LANES", (8, 16))
     monkeypatch.setattr(kernels, "WINOGRAD_LANES", (8, 16) if winograd else ())
     torch.manual_seed(0)
@@ -447,7 +455,7 @@ def test_cnn_encoder_in_f32_takes_the_convs_where_they_pay(kernel_calls, monkeyp
     x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     enc, exact, outs = _layers_kernels_float64(ref, x, autocast=False)
     assert kernel_calls.get("conv3x3", 0) == 2 and kernel_calls.get("stem", 0) == 0
-    _assert_as_close_as_aten(ref, enc, exact, outs, floor=1e-5)
+    _assert_as_close_as_aten(ref, enc, exact, outs, floor=5e-5 if winograd else 1e-5)
     assert not kernels.conv3x3_pays(x.bfloat16()) or kernels.has_bf16_dot()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.conv3x3_pays(x)          # f32 inside a bf16 region: ATen's conv would compute in bf16

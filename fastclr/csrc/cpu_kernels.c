@@ -1512,56 +1512,84 @@ int conv3x3_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int 
     return 0;
 }
 
-/* ---------------------------------------------------------------- a 3x3 conv in f32 by Winograd's F(2x2, 3x3)
+/* ---------------------------------------------------------------- a 3x3 conv in f32 by Winograd's algorithm
  *
- * y (N, H, W, Co) = the 3x3 conv (stride 1, zero padding 1) of x (N, H, W, Ci), computed per 2x2 output tile as
- * y_tile = A^T [ U (.) (B^T d B) ] A, d the tile's 4x4 input patch, U = G w G^T the weight transformed (by
- * fastclr/kernels.py). Why it is faster than oneDNN's direct conv, which runs at this CPU's peak: the product
- * (.) summed over Ci is 16 GEMMs (one per transformed position p) of 16 multiply-adds per tile where the direct
- * conv needs 36, 2.25x fewer; the transforms are additions only. Blocks of WINO_TILES tiles are transformed into a
- * per-thread V (16, WINO_TILES, Ci) that stays in L2 while every block of 16 output channels sweeps it, so the
- * transformed data never goes to memory. U is packed (Co / 16, 16, Ci, 16): one block's 16 GEMMs read one
- * contiguous run. Rounding: f32 throughout; the transforms' additions and the halves in G add a few ulps over the
- * direct sum (tests/test_kernels.py bounds the error from float64). The input gradient of the same conv is this
- * conv of dy with the weight flipped and transposed (fastclr/kernels.py). */
-#define WINO_TILES 30      /* 5 micro-tiles of 6; measured best of 18, 30, 48, 72 on a Zen 3 */
-#define WN (16 / VL)       /* native vectors per block of 16 output channels */
+ * oneDNN's direct f32 conv runs at this CPU's peak, so only less arithmetic makes it faster. Winograd's F(m x m, 3x3)
+ * computes an m x m output tile as y_tile = A^T [ U (.) (B^T d B) ] A, d the tile's (m + 2)^2 input patch, U = G w G^T
+ * the transformed weight (fastclr/kernels.py). Summed over Ci, (.) is one GEMM per transformed position p: (m + 2)^2
+ * multiply-adds per tile and channel pair where the direct conv needs 9 m^2, and the transforms are a few additions
+ * per value.
+ *  - The conv (forward, and the input gradient: the same conv of dy with the filters flipped and transposed) uses
+ *    F(4x4, 3x3): 36 for 144, 4x fewer. Its constants (up to 5 in B, 8 in A, 1/24 in G) cost accuracy: about 1e-5
+ *    of the output's scale from float64 where the direct f32 sum is within 1e-6 (tests/test_kernels.py).
+ *  - The weight gradient uses F(2x2, 3x3): 16 for 36, 2.25x fewer, as exact as the direct sum (B and A hold only
+ *    +-1). F(4x4)'s 36 x Ci x Co accumulator would not stay in L2 (1.2 MB at 64 -> 128 channels).
+ * Blocks of tiles are transformed into a per-thread V (P, tiles, Ci), P = (m + 2)^2, that stays in L2 while every
+ * block of 16 output channels sweeps it, so the transformed data never goes to memory. U is packed (Co / 16, P, Ci,
+ * 16): one channel block's P GEMMs read one contiguous run. */
+#define WN (16 / VL)        /* native vectors per block of 16 output channels */
+#define F4_TILES 12         /* tiles per block of the conv: measured best of 12, 18, 24 on a Zen 3 (V: 221 KB at
+                               Ci = 128) */
+#define F2_TILES 30         /* of the weight gradient: best of 18, 30, 48, 72 */
 
-/* V (16, WINO_TILES, Ci) <- B^T d B for tiles g0 .. g0 + nt (numbered image by image, row by row) */
-static void wino_input(const float* x, int H, int W, int Ci, long g0, int nt, int TH, int TW, float* V) {
-    const long per = (long)TH * TW, s = (long)WINO_TILES * Ci;
+/* the 6-point transforms of F(4x4, 3x3) along one axis: B^T d (6 -> 6) and A^T m (6 -> 4) */
+ALWAYS_INLINE void bt6(const vf* d, vf* o) {
+    o[0] = 4.f * d[0] - 5.f * d[2] + d[4];
+    o[1] = d[3] + d[4] - 4.f * (d[1] + d[2]);
+    o[2] = d[4] - d[3] + 4.f * (d[1] - d[2]);
+    o[3] = d[4] - d[2] + 2.f * (d[3] - d[1]);
+    o[4] = d[4] - d[2] + 2.f * (d[1] - d[3]);
+    o[5] = 4.f * d[1] - 5.f * d[3] + d[5];
+}
+
+ALWAYS_INLINE void at6(const vf* m, vf* o) {
+    const vf s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    o[0] = m[0] + s12 + s34; o[1] = d12 + 2.f * d34; o[2] = s12 + 4.f * s34; o[3] = d12 + 8.f * d34 + m[5];
+}
+
+/* Tile g (numbered image by image, row by row, TW a row) of an m x m tiling: its image and first output pixel */
+ALWAYS_INLINE long tile_at(long g, long per, int TW, int m, int* h0, int* w0) {
+    const int r = g % per;
+    *h0 = m * (r / TW); *w0 = m * (r % TW);
+    return g / per;
+}
+
+/* The input pixel (h, w) of image xn, 0 outside it (the conv's zero padding) */
+ALWAYS_INLINE vf pixel_or_zero(const float* xn, int h, int w, int H, int W, int Ci) {
+    vf z = {0};
+    return h >= 0 && h < H && w >= 0 && w < W ? nld_f32(xn + ((long)h * W + w) * Ci) : z;
+}
+
+/* V (36, F4_TILES, Ci) <- B^T d B for tiles g0 .. g0 + nt of the 4x4 tiling */
+static void f4_input(const float* x, int H, int W, int Ci, long g0, int nt, int TH, int TW, float* V) {
     for (int t = 0; t < nt; t++) {
-        const long g = g0 + t, n = g / per;
-        const int r = g % per, h0 = 2 * (r / TW) - 1, w0 = 2 * (r % TW) - 1;
+        int h0, w0;
+        const long n = tile_at(g0 + t, (long)TH * TW, TW, 4, &h0, &w0);
         const float* xn = x + n * H * W * Ci;
         for (int c = 0; c < Ci; c += VL) {
-            vf d[4][4], u[4][4], z = {0};
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) {
-                    const int h = h0 + i, w = w0 + j;
-                    d[i][j] = h >= 0 && h < H && w >= 0 && w < W ? nld_f32(xn + ((long)h * W + w) * Ci + c) : z;
-                }
-            for (int j = 0; j < 4; j++) {                    /* B^T d: rows */
-                u[0][j] = d[0][j] - d[2][j]; u[1][j] = d[1][j] + d[2][j];
-                u[2][j] = d[2][j] - d[1][j]; u[3][j] = d[1][j] - d[3][j];
-            }
-            for (int i = 0; i < 4; i++) {                    /* (B^T d) B: columns */
-                float* o = V + ((long)4 * i * WINO_TILES + t) * Ci + c;
-                nst_f32(o, u[i][0] - u[i][2]); nst_f32(o + s, u[i][1] + u[i][2]);
-                nst_f32(o + 2 * s, u[i][2] - u[i][1]); nst_f32(o + 3 * s, u[i][1] - u[i][3]);
+            vf d[6][6], u[6][6];                            /* d[j][i]: column j, row i */
+            for (int i = 0; i < 6; i++)
+                for (int j = 0; j < 6; j++) d[j][i] = pixel_or_zero(xn + c, h0 - 1 + i, w0 - 1 + j, H, W, Ci);
+            for (int j = 0; j < 6; j++) bt6(d[j], u[j]);    /* B^T d, a column at a time */
+            for (int i = 0; i < 6; i++) {                   /* (B^T d) B, a row at a time */
+                vf row[6], o[6];
+                for (int j = 0; j < 6; j++) row[j] = u[j][i];
+                bt6(row, o);
+                for (int j = 0; j < 6; j++) nst_f32(V + ((long)(6 * i + j) * F4_TILES + t) * Ci + c, o[j]);
             }
         }
     }
 }
 
-/* M (16, WINO_TILES, 16) <- V_p U_p for tiles t0 .. t0 + KT, one 16-channel block u of U: KT x WN accumulators
- * (12 on AVX2: BLIS's 6 x 16 shape, as in wf_tile), 1 broadcast of V per tile and WN loads of U per input channel */
-ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int t0, float* M, const int KT) {
-    for (int p = 0; p < 16; p++) {
+/* M (P, TB, 16) <- V_p U_p for tiles t0 .. t0 + KT of a block of TB, one 16-channel block u of U: KT x WN
+ * accumulators (12 on AVX2: BLIS's 6 x 16 shape, as in wf_tile), one broadcast of V per tile and WN loads of U
+ * per input channel */
+ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int P, int TB, int t0, float* M, const int KT) {
+    for (int p = 0; p < P; p++) {
         vf a[6][WN], z = {0};
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) a[k][c] = z;
-        const float* v = V + ((long)p * WINO_TILES + t0) * Ci;
+        const float* v = V + ((long)p * TB + t0) * Ci;
         const float* up = u + (long)p * Ci * 16;
         for (int ci = 0; ci < Ci; ci++) {
             vf b[WN];
@@ -1571,90 +1599,114 @@ ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int t0, flo
                 for (int c = 0; c < WN; c++) a[k][c] += b[c] * e;
             }
         }
-        float* m = M + ((long)p * WINO_TILES + t0) * 16;
+        float* m = M + ((long)p * TB + t0) * 16;
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) nst_f32(m + k * 16 + VL * c, a[k][c]);
     }
 }
 
-/* y's channels o0 .. o0 + 16 of tiles g0 .. g0 + nt <- A^T M A (the 2x2 outputs inside the image) */
-static void wino_output(const float* M, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* y) {
-    const long per = (long)TH * TW;
+/* y's channels o0 .. o0 + 16 of tiles g0 .. g0 + nt <- A^T M A (the outputs inside the image) */
+static void f4_output(const float* M, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* y) {
     for (int t = 0; t < nt; t++) {
-        const long g = g0 + t, n = g / per;
-        const int r = g % per, h0 = 2 * (r / TW), w0 = 2 * (r % TW);
+        int h0, w0;
+        const long n = tile_at(g0 + t, (long)TH * TW, TW, 4, &h0, &w0);
         for (int c = 0; c < 16; c += VL) {
-            vf m[4][4], q[2][4];
-            for (int p = 0; p < 16; p++) m[p / 4][p % 4] = nld_f32(M + ((long)p * WINO_TILES + t) * 16 + c);
-            for (int j = 0; j < 4; j++) {                    /* A^T M: rows */
-                q[0][j] = m[0][j] + m[1][j] + m[2][j]; q[1][j] = m[1][j] - m[2][j] - m[3][j];
+            vf q[4][6];                                     /* A^T M, a column at a time */
+            for (int j = 0; j < 6; j++) {
+                vf col[6], o[4];
+                for (int i = 0; i < 6; i++) col[i] = nld_f32(M + ((long)(6 * i + j) * F4_TILES + t) * 16 + c);
+                at6(col, o);
+                for (int i = 0; i < 4; i++) q[i][j] = o[i];
             }
-            for (int i = 0; i < 2 && h0 + i < H; i++) {      /* (A^T M) A: columns */
-                float* o = y + ((n * H + h0 + i) * W + w0) * Co + o0 + c;
-                nst_f32(o, q[i][0] + q[i][1] + q[i][2]);
-                if (w0 + 1 < W) nst_f32(o + Co, q[i][1] - q[i][2] - q[i][3]);
+            for (int i = 0; i < 4 && h0 + i < H; i++) {     /* (A^T M) A, a row at a time */
+                vf o[4];
+                at6(q[i], o);
+                float* yo = y + ((n * H + h0 + i) * W + w0) * Co + o0 + c;
+                for (int j = 0; j < 4 && w0 + j < W; j++) nst_f32(yo + (long)j * Co, o[j]);
             }
         }
     }
 }
 
-long conv3x3_winograd_f32_scratch(int Ci) { return 16L * WINO_TILES * (Ci + 16); }
+long conv3x3_winograd_f32_scratch(int Ci) { return 36L * F4_TILES * (Ci + 16); }
 
-/* x (N, H, W, Ci), U (Co / 16, 16, Ci, 16) -> y (N, H, W, Co), all f32; Ci % VL == 0 and Co % 16 == 0.
- * scratch: T x conv3x3_winograd_f32_scratch(Ci) floats */
+/* x (N, H, W, Ci), U (Co / 16, 36, Ci, 16) -> y (N, H, W, Co), all f32, by F(4x4, 3x3); Ci % VL == 0 and
+ * Co % 16 == 0. scratch: T x conv3x3_winograd_f32_scratch(Ci) floats */
 int conv3x3_winograd_f32(const float* x, const float* U, int N, int H, int W, int Ci, int Co, float* y,
                          float* scratch, int T) {
     if (Ci % VL || Co % 16) return -1;
-    const int TH = (H + 1) / 2, TW = (W + 1) / 2;
-    const long tiles = (long)N * TH * TW, blocks = (tiles + WINO_TILES - 1) / WINO_TILES;
+    const int TH = (H + 3) / 4, TW = (W + 3) / 4;
+    const long tiles = (long)N * TH * TW, blocks = (tiles + F4_TILES - 1) / F4_TILES;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         float* V = scratch + t * conv3x3_winograd_f32_scratch(Ci);
-        float* M = V + 16L * WINO_TILES * Ci;
+        float* M = V + 36L * F4_TILES * Ci;
         for (long b = blocks * t / T; b < blocks * (t + 1) / T; b++) {
-            const long g0 = b * WINO_TILES;
-            const int nt = tiles - g0 < WINO_TILES ? (int)(tiles - g0) : WINO_TILES;
-            wino_input(x, H, W, Ci, g0, nt, TH, TW, V);
+            const long g0 = b * F4_TILES;
+            const int nt = tiles - g0 < F4_TILES ? (int)(tiles - g0) : F4_TILES;
+            f4_input(x, H, W, Ci, g0, nt, TH, TW, V);
             for (int o0 = 0; o0 < Co; o0 += 16) {
-                const float* u = U + (long)o0 * 16 * Ci;
+                const float* u = U + (long)o0 * 36 * Ci;
                 int t0 = 0;
-                for (; t0 + 6 <= nt; t0 += 6) wino_gemm(V, u, Ci, t0, M, 6);
+                for (; t0 + 6 <= nt; t0 += 6) wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 6);
                 switch (nt - t0) {                           /* the last block's remainder */
-                    case 5: wino_gemm(V, u, Ci, t0, M, 5); break;
-                    case 4: wino_gemm(V, u, Ci, t0, M, 4); break;
-                    case 3: wino_gemm(V, u, Ci, t0, M, 3); break;
-                    case 2: wino_gemm(V, u, Ci, t0, M, 2); break;
-                    case 1: wino_gemm(V, u, Ci, t0, M, 1); break;
+                    case 5: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 5); break;
+                    case 4: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 4); break;
+                    case 3: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 3); break;
+                    case 2: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 2); break;
+                    case 1: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 1); break;
                 }
-                wino_output(M, H, W, Co, o0, g0, nt, TH, TW, y);
+                f4_output(M, H, W, Co, o0, g0, nt, TH, TW, y);
             }
         }
     }
     return 0;
 }
 
-/* The weight gradient by the same transform: the forward is linear in U, so dU_p (Ci, Co) = sum over tiles of
- * V_p^T dM_p, where dM = A dy A^T is the 2x2 output gradient of a tile carried back to its 16 positions (zero where
- * the tile runs past the image), and dW = G^T dU G (fastclr/kernels.py). 16 GEMMs of K = tiles, again 16
- * multiply-adds per tile and channel pair where the direct sum (conv3x3_wgrad_f32) needs 36. */
+/* The weight gradient by F(2x2, 3x3): the forward is linear in U, so dU_p (Ci, Co) = the sum over tiles of
+ * V_p^T dM_p, where dM = A dy A^T carries a tile's 2x2 output gradient back to its 16 positions (zero where the tile
+ * runs past the image), and dW = G^T dU G (fastclr/kernels.py): 16 GEMMs of K = the tiles. */
 
-/* dM (16, WINO_TILES, 16) <- A dy A^T for channels o0 .. o0 + 16 of tiles g0 .. g0 + nt */
-static void wino_dy(const float* dy, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* dM) {
-    const long per = (long)TH * TW;
+/* V (16, F2_TILES, Ci) <- B^T d B for tiles g0 .. g0 + nt of the 2x2 tiling */
+static void f2_input(const float* x, int H, int W, int Ci, long g0, int nt, int TH, int TW, float* V) {
+    const long s = (long)F2_TILES * Ci;
     for (int t = 0; t < nt; t++) {
-        const long g = g0 + t, n = g / per;
-        const int r = g % per, h0 = 2 * (r / TW), w0 = 2 * (r % TW);
+        int h0, w0;
+        const long n = tile_at(g0 + t, (long)TH * TW, TW, 2, &h0, &w0);
+        const float* xn = x + n * H * W * Ci;
+        for (int c = 0; c < Ci; c += VL) {
+            vf d[4][4], u[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) d[i][j] = pixel_or_zero(xn + c, h0 - 1 + i, w0 - 1 + j, H, W, Ci);
+            for (int j = 0; j < 4; j++) {                    /* B^T d: rows */
+                u[0][j] = d[0][j] - d[2][j]; u[1][j] = d[1][j] + d[2][j];
+                u[2][j] = d[2][j] - d[1][j]; u[3][j] = d[1][j] - d[3][j];
+            }
+            for (int i = 0; i < 4; i++) {                    /* (B^T d) B: columns */
+                float* o = V + ((long)4 * i * F2_TILES + t) * Ci + c;
+                nst_f32(o, u[i][0] - u[i][2]); nst_f32(o + s, u[i][1] + u[i][2]);
+                nst_f32(o + 2 * s, u[i][2] - u[i][1]); nst_f32(o + 3 * s, u[i][1] - u[i][3]);
+            }
+        }
+    }
+}
+
+/* dM (16, F2_TILES, 16) <- A dy A^T for channels o0 .. o0 + 16 of tiles g0 .. g0 + nt */
+static void f2_dy(const float* dy, int H, int W, int Co, int o0, long g0, int nt, int TH, int TW, float* dM) {
+    const long s = (long)F2_TILES * 16;
+    for (int t = 0; t < nt; t++) {
+        int h0, w0;
+        const long n = tile_at(g0 + t, (long)TH * TW, TW, 2, &h0, &w0);
+        const float* dn = dy + n * H * W * Co + o0;
         for (int c = 0; c < 16; c += VL) {
-            vf d[2][2], q[4][2], z = {0};
+            vf d[2][2], q[4][2];
             for (int i = 0; i < 2; i++)
-                for (int j = 0; j < 2; j++)
-                    d[i][j] = h0 + i < H && w0 + j < W ? nld_f32(dy + ((n * H + h0 + i) * W + w0 + j) * Co + o0 + c) : z;
+                for (int j = 0; j < 2; j++) d[i][j] = pixel_or_zero(dn + c, h0 + i, w0 + j, H, W, Co);
             for (int j = 0; j < 2; j++) {                    /* A dy: rows */
                 q[0][j] = d[0][j]; q[1][j] = d[0][j] + d[1][j]; q[2][j] = d[0][j] - d[1][j]; q[3][j] = -d[1][j];
             }
             for (int i = 0; i < 4; i++) {                    /* (A dy) A^T: columns */
-                float* o = dM + ((long)4 * i * WINO_TILES + t) * 16 + c;
-                const long s = (long)WINO_TILES * 16;
+                float* o = dM + ((long)4 * i * F2_TILES + t) * 16 + c;
                 nst_f32(o, q[i][0]); nst_f32(o + s, q[i][0] + q[i][1]);
                 nst_f32(o + 2 * s, q[i][0] - q[i][1]); nst_f32(o + 3 * s, -q[i][1]);
             }
@@ -1663,15 +1715,15 @@ static void wino_dy(const float* dy, int H, int W, int Co, int o0, long g0, int 
 }
 
 /* du (16, Ci, 16), one 16-channel block of dU, += V_p^T dM_p for input channels c0 .. c0 + KT over nt tiles: KT x WN
- * accumulators, WN loads of dM and KT broadcasts of V per tile (BLIS's 6 x 16 shape, as in wf_tile) */
-ALWAYS_INLINE void wino_wgrad_tile(const float* V, const float* dM, int Ci, int nt, int c0, float* du, const int KT) {
+ * accumulators, WN loads of dM and KT broadcasts of V per tile */
+ALWAYS_INLINE void f2_wgrad_tile(const float* V, const float* dM, int Ci, int nt, int c0, float* du, const int KT) {
     for (int p = 0; p < 16; p++) {
         vf a[6][WN];
         float* o = du + ((long)p * Ci + c0) * 16;
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) a[k][c] = nld_f32(o + k * 16 + VL * c);
-        const float* v = V + (long)p * WINO_TILES * Ci + c0;
-        const float* m = dM + (long)p * WINO_TILES * 16;
+        const float* v = V + (long)p * F2_TILES * Ci + c0;
+        const float* m = dM + (long)p * F2_TILES * 16;
         for (int t = 0; t < nt; t++) {
             vf b[WN];
             for (int c = 0; c < WN; c++) b[c] = nld_f32(m + t * 16 + VL * c);
@@ -1685,33 +1737,33 @@ ALWAYS_INLINE void wino_wgrad_tile(const float* V, const float* dM, int Ci, int 
     }
 }
 
-long conv3x3_winograd_wgrad_f32_scratch(int Ci, int Co) { return 16L * (WINO_TILES * (Ci + 16) + (long)Ci * Co); }
+long conv3x3_winograd_wgrad_f32_scratch(int Ci, int Co) { return 16L * (F2_TILES * (Ci + 16) + (long)Ci * Co); }
 
-/* x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> each thread's dU (Co / 16, 16, Ci, 16) in its scratch, at
- * conv3x3_winograd_wgrad_f32_scratch(Ci, Co) floats apart (fastclr/kernels.py sums them and applies G^T . G);
+/* x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> each thread's dU (Co / 16, 16, Ci, 16) at the start of its
+ * conv3x3_winograd_wgrad_f32_scratch(Ci, Co) floats of scratch (fastclr/kernels.py sums them and applies G^T . G);
  * Ci % VL == 0, Ci % 2 == 0 and Co % 16 == 0. */
 int conv3x3_winograd_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int Ci, int Co,
                                float* scratch, int T) {
     if (Ci % VL || Ci % 2 || Co % 16) return -1;
     const int TH = (H + 1) / 2, TW = (W + 1) / 2;
-    const long tiles = (long)N * TH * TW, blocks = (tiles + WINO_TILES - 1) / WINO_TILES;
+    const long tiles = (long)N * TH * TW, blocks = (tiles + F2_TILES - 1) / F2_TILES;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         float* du = scratch + t * conv3x3_winograd_wgrad_f32_scratch(Ci, Co);
         float* V = du + 16L * Ci * Co;
-        float* dM = V + 16L * WINO_TILES * Ci;
+        float* dM = V + 16L * F2_TILES * Ci;
         memset(du, 0, 16L * Ci * Co * 4);
         for (long b = blocks * t / T; b < blocks * (t + 1) / T; b++) {
-            const long g0 = b * WINO_TILES;
-            const int nt = tiles - g0 < WINO_TILES ? (int)(tiles - g0) : WINO_TILES;
-            wino_input(x, H, W, Ci, g0, nt, TH, TW, V);
+            const long g0 = b * F2_TILES;
+            const int nt = tiles - g0 < F2_TILES ? (int)(tiles - g0) : F2_TILES;
+            f2_input(x, H, W, Ci, g0, nt, TH, TW, V);
             for (int o0 = 0; o0 < Co; o0 += 16) {
                 float* dub = du + (long)o0 * 16 * Ci;
-                wino_dy(dy, H, W, Co, o0, g0, nt, TH, TW, dM);
+                f2_dy(dy, H, W, Co, o0, g0, nt, TH, TW, dM);
                 int c0 = 0;
-                for (; c0 + 6 <= Ci; c0 += 6) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 6);
-                if (Ci - c0 == 4) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 4);
-                else if (Ci - c0 == 2) wino_wgrad_tile(V, dM, Ci, nt, c0, dub, 2);
+                for (; c0 + 6 <= Ci; c0 += 6) f2_wgrad_tile(V, dM, Ci, nt, c0, dub, 6);
+                if (Ci - c0 == 4) f2_wgrad_tile(V, dM, Ci, nt, c0, dub, 4);
+                else if (Ci - c0 == 2) f2_wgrad_tile(V, dM, Ci, nt, c0, dub, 2);
             }
         }
     }
