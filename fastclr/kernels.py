@@ -14,8 +14,9 @@ C kernels in ``fastclr/csrc/cpu_kernels.c``; each has a PyTorch reference it is 
   training-mode BatchNorm, the max-pool and the ReLU, on AVX512-BF16 dot products, the BN statistics summed as the
   conv writes its output and the conv's output gradient never written.
 * :func:`conv3x3` (autograd): a 3x3 conv whose weight gradient is fastclr's, register-tiled sums over the pixels:
-  bf16 on AVX512-BF16 dot products, f32 on the native vector; in f32 on AVX2 its forward and input gradient are
-  fastclr's too, by Winograd's F(2x2, 3x3) (2.25x fewer multiply-adds than the direct conv).
+  bf16 on AVX512-BF16 dot products, f32 on the native vector; in f32 on AVX2, all three passes by Winograd's
+  algorithm instead: the forward and input gradient by F(4x4, 3x3) (4x fewer multiply-adds than the direct
+  conv), the weight gradient by F(2x2, 3x3) (2.25x fewer).
 * :func:`warp_sample`: ``fastclr.warp.FusedWarp``'s grid, frame weight and bilinear sampling in one pass.
 * :func:`thickness`: ``fastclr.augment.RandomThickness``'s max filter, only on the samples it changes.
 * :func:`blur3`: ``fastclr.augment.RandomBlur``'s 3-tap Gaussian, both axes in one pass per image.
@@ -792,7 +793,7 @@ WINOGRAD_LANES = (8,)
 
 
 def winograd_supported(x: Tensor, conv: nn.Conv2d) -> bool:
-    """Whether :func:`conv3x3` computes ``conv(x)`` and its input gradient by Winograd: f32 outside autocast, where the
+    """Whether :func:`conv3x3` computes ``conv(x)`` and its gradients by Winograd: f32 outside autocast, where the
     native vector's width is in WINOGRAD_LANES, Ci and Co multiples of 16 (the input gradient's Co is the conv's
     Ci). Check :func:`conv3x3_supported` first."""
     return (x.dtype == torch.float32 and _cpu_autocast_dtype() is None and native_lanes() in WINOGRAD_LANES
@@ -801,9 +802,9 @@ def winograd_supported(x: Tensor, conv: nn.Conv2d) -> bool:
 
 def conv3x3(x: Tensor, conv: nn.Conv2d, winograd: bool | None = None) -> Tensor:
     """``conv(x)`` (under bf16 autocast: bf16 x and weight), its weight gradient computed by fastclr's kernel (dW
-    in f32); the forward and the input gradient are fastclr's Winograd conv where ``winograd`` (default: where
-    :func:`winograd_supported`), else ATen's. (N, Ci, H, W) bf16 or f32 -> (N, Co, H, W) of x's dtype. Check
-    :func:`conv3x3_supported` first."""
+    in f32). With ``winograd`` (default: where :func:`winograd_supported`) all three passes are fastclr's Winograd
+    kernels; without, the forward and the input gradient are ATen's and the weight gradient the direct sum.
+    (N, Ci, H, W) bf16 or f32 -> (N, Co, H, W) of x's dtype. Check :func:`conv3x3_supported` first."""
     if winograd is None:
         winograd = winograd_supported(x, conv)
     return _conv3x3(x, conv.weight, winograd)

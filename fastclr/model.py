@@ -160,7 +160,8 @@ class Encoder(nn.Module):
         input dtype under autocast); in training, BatchNorm2d followed by MaxPool2d(2) -> ReLU, by ReLU ->
         AvgPool2d(2) or by ReLU becomes one (kernels.bn_act); every other MaxPool2d(2) -> ReLU pair another; other
         3x3 convs take their weight gradient from kernels.conv3x3 in training where it beats ATen's
-        (kernels.conv3x3_pays: bf16 with AVX512-BF16, f32 on AVX2). The same function
+        (kernels.conv3x3_pays: bf16 with AVX512-BF16, f32 on AVX2), and in f32 on AVX2 their forward and input
+        gradient too, by Winograd's algorithm (kernels.winograd_supported). The same function, to float rounding
         (tests/test_kernels.py, tests/test_model.py)."""
         layers = list(self.body)
         i = 0
