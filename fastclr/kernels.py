@@ -125,7 +125,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv3x3_winograd_f32.restype = ctypes.c_int
     lib.conv3x3_winograd_f32_scratch.argtypes = [I]
     lib.conv3x3_winograd_f32_scratch.restype = ctypes.c_long
-    lib.conv3x3_winograd_wgrad_f32.argtypes = [P, P, I, I, I, I, I, P, I]
+    lib.conv3x3_winograd_wgrad_f32.argtypes = [P, P, I, I, I, I, I, P, P, I]
+    lib.winograd_weight_f32.argtypes = [P, I, I, P]
+    lib.winograd_weight_f32.restype = None
     lib.conv3x3_winograd_wgrad_f32.restype = ctypes.c_int
     lib.conv3x3_winograd_wgrad_f32_scratch.argtypes = [I, I]
     lib.conv3x3_winograd_wgrad_f32_scratch.restype = ctypes.c_long
@@ -666,25 +668,15 @@ def _(g, x, winograd):
     return x.new_empty(g.shape[1], x.shape[1], 3, 3, dtype=torch.float32)
 
 
-# Winograd's weight transforms G (U = G w G^T): F(4x4, 3x3)'s for the conv, F(2x2, 3x3)'s for its weight gradient
-_G4 = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6),
-       (0, 0, 1))
-_G2 = ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1))
-
-
-def _kron(g) -> Tensor:
-    """G (a, 3) -> G (x) G (a^2, 9): U's flattened (a, a) positions from w's flattened (3, 3) taps, one matrix
-    product for all filters (4x faster than the two-sided einsum at 64 -> 128 channels)."""
-    g = torch.tensor(g)
-    return torch.kron(g, g)
-
-
 def winograd_weight(weight: Tensor) -> Tensor:
     """(Co, Ci, 3, 3) f32 -> U = G w G^T of F(4x4, 3x3), packed (Co / 16, 36, Ci, 16) as ``conv3x3_winograd_f32``
-    reads it: the 36 transformed positions of one block of 16 output channels in one contiguous run."""
-    co, ci = weight.shape[:2]
-    u = weight.reshape(co * ci, 9) @ _kron(_G4).t()                       # (Co * Ci, 36)
-    return u.view(co // 16, 16, ci, 36).permute(0, 3, 2, 1).contiguous()
+    reads it: the 36 transformed positions of one block of 16 output channels in one contiguous run. In C, in one
+    pass (tests/test_kernels.py checks it against the two-sided product in float64)."""
+    w = weight.contiguous()
+    co, ci = w.shape[:2]
+    u = torch.empty(co // 16, 36, ci, 16)
+    _lib().winograd_weight_f32(w.data_ptr(), co, ci, u.data_ptr())
+    return u
 
 
 def _winograd_tiles(x: Tensor, m: int) -> int:
@@ -693,20 +685,19 @@ def _winograd_tiles(x: Tensor, m: int) -> int:
 
 
 def _winograd_wgrad(g: Tensor, x: Tensor) -> Tensor:
-    """g (N, Co, H, W) and x (N, Ci, H, W) f32 -> dW (Co, Ci, 3, 3) f32 = G^T dU G by F(2x2, 3x3), dU the threads'
-    sums of the 16 transformed positions' GEMMs (the C file says how). Ci and Co multiples of 16."""
+    """g (N, Co, H, W) and x (N, Ci, H, W) f32 -> dW (Co, Ci, 3, 3) f32 = G^T dU G by F(2x2, 3x3), dU the sum of the
+    threads' 16 GEMMs over their tiles (the C file says how). Ci and Co multiples of 16."""
     n, ci, h, w = x.shape
     co = g.shape[1]
     xh, gh = _nhwc(x), _nhwc(g)
     t = _partial_threads(_winograd_tiles(x, 2))
     lib = _lib()
-    per = lib.conv3x3_winograd_wgrad_f32_scratch(ci, co)
-    scratch = torch.empty(t * per)
-    if lib.conv3x3_winograd_wgrad_f32(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, scratch.data_ptr(), t):
+    scratch = torch.empty(t * lib.conv3x3_winograd_wgrad_f32_scratch(ci, co))
+    dw = torch.empty(co, ci, 3, 3)
+    if lib.conv3x3_winograd_wgrad_f32(xh.data_ptr(), gh.data_ptr(), n, h, w, ci, co, dw.data_ptr(), scratch.data_ptr(),
+                                      t):
         raise ValueError("conv3x3 by Winograd called on an unsupported shape (see winograd_supported)")
-    du = scratch.view(t, per)[:, :16 * ci * co].sum(0).view(co // 16, 16, ci, 16)    # (Co / 16, 16, Ci, 16)
-    dw = du.permute(0, 3, 2, 1).reshape(co * ci, 16) @ _kron(_G2)                        # G^T dU G
-    return dw.view(co, ci, 3, 3)
+    return dw
 
 
 def _winograd(x: Tensor, weight: Tensor) -> Tensor:

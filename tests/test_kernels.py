@@ -401,6 +401,20 @@ def test_conv3x3_winograd_against_float64(n, ci, co, h, w):
 
 
 @needs_kernels
+@pytest.mark.parametrize("co,ci", [(16, 16), (32, 48), (128, 64)])
+def test_winograd_weight_is_g_w_gt(co, ci):
+    """The packed F(4x4, 3x3) weight transform against U = G w G^T written out in float64 with Lavin and Gray's G:
+    equal to f32 rounding (the C side sums in double and rounds once)."""
+    g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+    w = torch.randn(co, ci, 3, 3)
+    ref = torch.einsum("ay,oiyx,bx->oiab", g, w.double(), g)                          # (Co, Ci, 6, 6)
+    u = kernels.winograd_weight(w)                                                     # (Co / 16, 36, Ci, 16)
+    got = u.view(co // 16, 6, 6, ci, 16).permute(0, 4, 3, 1, 2).reshape(co, ci, 6, 6)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7 * ref.abs().max().item())
+
+
+@needs_kernels
 def test_winograd_takes_only_what_it_computes():
     """Winograd runs on f32 outside autocast, on the CPUs where it was measured faster, with Ci and Co multiples of
     16 (the input gradient's output channels are the conv's input channels)."""

@@ -1628,6 +1628,28 @@ static void f4_output(const float* M, int H, int W, int Co, int o0, long g0, int
     }
 }
 
+/* U (Co / 16, 36, Ci, 16) <- G w G^T of F(4x4, 3x3) for w (Co, Ci, 3, 3), summed in double and rounded once, written
+ * straight into the packed layout */
+void winograd_weight_f32(const float* w, int Co, int Ci, float* U) {
+    static const double G[6][3] = {{1 / 4., 0, 0}, {-1 / 6., -1 / 6., -1 / 6.}, {-1 / 6., 1 / 6., -1 / 6.},
+                                   {1 / 24., 1 / 12., 1 / 6.}, {1 / 24., -1 / 12., 1 / 6.}, {0, 0, 1}};
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int ob = 0; ob < Co / 16; ob++)
+        for (int i = 0; i < Ci; i++) {
+            float u[36][16];                                 /* 16 output channels' 36 positions, then 16-float runs */
+            for (int k = 0; k < 16; k++) {
+                const float* f = w + ((long)(16 * ob + k) * Ci + i) * 9;
+                double gf[6][3];
+                for (int a = 0; a < 6; a++)
+                    for (int c = 0; c < 3; c++) gf[a][c] = G[a][0] * f[c] + G[a][1] * f[3 + c] + G[a][2] * f[6 + c];
+                for (int a = 0; a < 6; a++)
+                    for (int b = 0; b < 6; b++)
+                        u[6 * a + b][k] = (float)(gf[a][0] * G[b][0] + gf[a][1] * G[b][1] + gf[a][2] * G[b][2]);
+            }
+            for (int p = 0; p < 36; p++) memcpy(U + (((long)ob * 36 + p) * Ci + i) * 16, u[p], sizeof u[p]);
+        }
+}
+
 long conv3x3_winograd_f32_scratch(int Ci) { return 36L * F4_TILES * (Ci + 16); }
 
 /* x (N, H, W, Ci), U (Co / 16, 36, Ci, 16) -> y (N, H, W, Co), all f32, by F(4x4, 3x3); Ci % VL == 0 and
@@ -1737,12 +1759,39 @@ ALWAYS_INLINE void f2_wgrad_tile(const float* V, const float* dM, int Ci, int nt
     }
 }
 
+/* dw (Co, Ci, 3, 3) <- G^T dU G of F(2x2, 3x3), dU the sum, in double, of T threads' (Co / 16, 16, Ci, 16) partial
+ * sums, per floats apart */
+static void f2_wgrad_finish(const float* scratch, long per, int T, int Ci, int Co, float* dw) {
+    static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int ob = 0; ob < Co / 16; ob++)
+        for (int i = 0; i < Ci; i++) {
+            double du[16][16] = {{0}};                       /* [position][output channel k of the block] */
+            for (int t = 0; t < T; t++)
+                for (int p = 0; p < 16; p++) {
+                    const float* run = scratch + t * per + (((long)ob * 16 + p) * Ci + i) * 16;
+                    for (int k = 0; k < 16; k++) du[p][k] += run[k];
+                }
+            for (int k = 0; k < 16; k++) {
+                double gd[3][4];                             /* G^T dU, then (G^T dU) G */
+                for (int r = 0; r < 3; r++)
+                    for (int b = 0; b < 4; b++)
+                        gd[r][b] = G[0][r] * du[b][k] + G[1][r] * du[4 + b][k] + G[2][r] * du[8 + b][k]
+                                   + G[3][r] * du[12 + b][k];
+                float* o = dw + ((long)(16 * ob + k) * Ci + i) * 9;
+                for (int r = 0; r < 3; r++)
+                    for (int c = 0; c < 3; c++)
+                        o[3 * r + c] = (float)(gd[r][0] * G[0][c] + gd[r][1] * G[1][c] + gd[r][2] * G[2][c]
+                                               + gd[r][3] * G[3][c]);
+            }
+        }
+}
+
 long conv3x3_winograd_wgrad_f32_scratch(int Ci, int Co) { return 16L * (F2_TILES * (Ci + 16) + (long)Ci * Co); }
 
-/* x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> each thread's dU (Co / 16, 16, Ci, 16) at the start of its
- * conv3x3_winograd_wgrad_f32_scratch(Ci, Co) floats of scratch (fastclr/kernels.py sums them and applies G^T . G);
- * Ci % VL == 0, Ci % 2 == 0 and Co % 16 == 0. */
-int conv3x3_winograd_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int Ci, int Co,
+/* x (N, H, W, Ci) and dy (N, H, W, Co) f32 -> dw (Co, Ci, 3, 3) f32 by F(2x2, 3x3); Ci % VL == 0, Ci % 2 == 0 and
+ * Co % 16 == 0. scratch: T x conv3x3_winograd_wgrad_f32_scratch(Ci, Co) floats (each thread's dU first) */
+int conv3x3_winograd_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int Ci, int Co, float* dw,
                                float* scratch, int T) {
     if (Ci % VL || Ci % 2 || Co % 16) return -1;
     const int TH = (H + 1) / 2, TW = (W + 1) / 2;
@@ -1767,6 +1816,7 @@ int conv3x3_winograd_wgrad_f32(const float* x, const float* dy, int N, int H, in
             }
         }
     }
+    f2_wgrad_finish(scratch, conv3x3_winograd_wgrad_f32_scratch(Ci, Co), T, Ci, Co, dw);
     return 0;
 }
 
