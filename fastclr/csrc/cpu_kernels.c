@@ -1581,9 +1581,19 @@ static void f4_input(const float* x, int H, int W, int Ci, long g0, int nt, int 
     }
 }
 
-/* M (P, TB, 16) <- V_p U_p for tiles t0 .. t0 + KT of a block of TB, one 16-channel block u of U: KT x WN
- * accumulators (12 on AVX2: BLIS's 6 x 16 shape, as in wf_tile), one broadcast of V per tile and WN loads of U
- * per input channel */
+/* a[k] += e[k * es] b for k < KT, b the 16 floats at b16 (WN native vectors): one step of a KT x 16 register tile
+ * (6 x 16 on AVX2: BLIS's shape, 12 accumulators beside 2 loads and a broadcast, as in wf_tile) */
+ALWAYS_INLINE void rank1_6x16(vf a[6][WN], const float* b16, const float* e, long es, const int KT) {
+    vf b[WN];
+    for (int c = 0; c < WN; c++) b[c] = nld_f32(b16 + VL * c);
+    for (int k = 0; k < KT; k++) {
+        const float ek = e[k * es];
+        for (int c = 0; c < WN; c++) a[k][c] += b[c] * ek;
+    }
+}
+
+/* M (P, TB, 16) <- V_p U_p for tiles t0 .. t0 + KT of a block of TB, one 16-channel block u of U: a KT x 16 register
+ * tile swept over the input channels */
 ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int P, int TB, int t0, float* M, const int KT) {
     for (int p = 0; p < P; p++) {
         vf a[6][WN], z = {0};
@@ -1591,14 +1601,7 @@ ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int P, int 
             for (int c = 0; c < WN; c++) a[k][c] = z;
         const float* v = V + ((long)p * TB + t0) * Ci;
         const float* up = u + (long)p * Ci * 16;
-        for (int ci = 0; ci < Ci; ci++) {
-            vf b[WN];
-            for (int c = 0; c < WN; c++) b[c] = nld_f32(up + ci * 16 + VL * c);
-            for (int k = 0; k < KT; k++) {
-                const float e = v[(long)k * Ci + ci];
-                for (int c = 0; c < WN; c++) a[k][c] += b[c] * e;
-            }
-        }
+        for (int ci = 0; ci < Ci; ci++) rank1_6x16(a, up + ci * 16, v + ci, Ci, KT);
         float* m = M + ((long)p * TB + t0) * 16;
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) nst_f32(m + k * 16 + VL * c, a[k][c]);
@@ -1736,8 +1739,8 @@ static void f2_dy(const float* dy, int H, int W, int Co, int o0, long g0, int nt
     }
 }
 
-/* du (16, Ci, 16), one 16-channel block of dU, += V_p^T dM_p for input channels c0 .. c0 + KT over nt tiles: KT x WN
- * accumulators, WN loads of dM and KT broadcasts of V per tile */
+/* du (16, Ci, 16), one 16-channel block of dU, += V_p^T dM_p for input channels c0 .. c0 + KT over nt tiles: a
+ * KT x 16 register tile swept over the tiles */
 ALWAYS_INLINE void f2_wgrad_tile(const float* V, const float* dM, int Ci, int nt, int c0, float* du, const int KT) {
     for (int p = 0; p < 16; p++) {
         vf a[6][WN];
@@ -1746,14 +1749,7 @@ ALWAYS_INLINE void f2_wgrad_tile(const float* V, const float* dM, int Ci, int nt
             for (int c = 0; c < WN; c++) a[k][c] = nld_f32(o + k * 16 + VL * c);
         const float* v = V + (long)p * F2_TILES * Ci + c0;
         const float* m = dM + (long)p * F2_TILES * 16;
-        for (int t = 0; t < nt; t++) {
-            vf b[WN];
-            for (int c = 0; c < WN; c++) b[c] = nld_f32(m + t * 16 + VL * c);
-            for (int k = 0; k < KT; k++) {
-                const float e = v[(long)t * Ci + k];
-                for (int c = 0; c < WN; c++) a[k][c] += b[c] * e;
-            }
-        }
+        for (int t = 0; t < nt; t++) rank1_6x16(a, m + t * 16, v + (long)t * Ci, 1, KT);
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) nst_f32(o + k * 16 + VL * c, a[k][c]);
     }
