@@ -126,11 +126,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.conv3x3_winograd_f32_scratch.argtypes = [I]
     lib.conv3x3_winograd_f32_scratch.restype = ctypes.c_long
     lib.conv3x3_winograd_wgrad_f32.argtypes = [P, P, I, I, I, I, I, P, P, I]
-    lib.winograd_weight_f32.argtypes = [P, I, I, P]
-    lib.winograd_weight_f32.restype = None
     lib.conv3x3_winograd_wgrad_f32.restype = ctypes.c_int
     lib.conv3x3_winograd_wgrad_f32_scratch.argtypes = [I, I]
     lib.conv3x3_winograd_wgrad_f32_scratch.restype = ctypes.c_long
+    lib.winograd_weight_f32.argtypes = [P, I, I, P]
+    lib.winograd_weight_f32.restype = None
     lib.native_lanes.argtypes = []
     lib.native_lanes.restype = ctypes.c_int
     lib.set_threads.argtypes, lib.team_size.argtypes = [I], []
@@ -719,7 +719,7 @@ def _winograd(x: Tensor, weight: Tensor) -> Tensor:
 def _conv3x3(x: Tensor, weight: Tensor, winograd: bool) -> Tensor:
     """The 3x3 conv (stride 1, padding 1, no bias) of x (N, Ci, H, W) bf16 or f32 with weight (Co, Ci, 3, 3) f32 cast
     to x's dtype (bf16: as under autocast): ATen's, or fastclr's Winograd kernel in f32 (``winograd``); its backward
-    takes the weight gradient from :func:`_conv3x3_wgrad`, and the input gradient from the same forward."""
+    takes the weight gradient from :func:`_conv3x3_wgrad`, and under ``winograd`` the input gradient from this op."""
     if winograd:
         return _winograd(x, weight)
     return F.conv2d(x, weight.to(x.dtype), padding=1)
@@ -777,9 +777,9 @@ def conv3x3_pays(x: Tensor) -> bool:
     return x.dtype == torch.float32 and _cpu_autocast_dtype() is None and native_lanes() in F32_WGRAD_LANES
 
 
-# Winograd's f32 conv was measured faster than oneDNN's direct one on AVX2 (8 lanes: 1.3-1.8x, forward and input
-# gradient, at the cnn's stages 2 and 3, 2-core Zen 3; benchmarks/bench_kernels.py, conv3x3_winograd-*). It has not
-# been measured on an AVX-512 CPU, so there ATen's runs.
+# Winograd's f32 conv was measured faster on AVX2 (8 lanes, the cnn's stages 2 and 3, 2-core Zen 3): forward + input
+# gradient 1.87-2.17x oneDNN's, weight gradient 1.17-1.46x the direct kernel's (benchmarks/bench_kernels.py,
+# conv3x3_winograd-* and conv3x3_wgrad-f32-*). It has not been measured on an AVX-512 CPU, so there ATen's runs.
 WINOGRAD_LANES = (8,)
 
 

@@ -1,7 +1,8 @@
 /* fastclr CPU kernels: the encoders' 2x2 max-pool + ReLU, the tutorial net's first block (3x3 conv with one
  * input channel -> 2x2 max-pool -> ReLU) and the cnn's training-mode BatchNorm -> pool -> ReLU (bn_act), forward
- * and backward, and the cnn's first stage whole (stem: conv of a few input channels -> BN -> pool -> ReLU); and,
- * for the fused augmentation, the warp's grid + frame weight + bilinear sampling in one pass
+ * and backward, the cnn's first stage whole (stem: conv of a few input channels -> BN -> pool -> ReLU), and its other
+ * 3x3 convs' weight gradient (conv3x3_wgrad, and in f32 the whole conv by Winograd's algorithm); and, for the fused
+ * augmentation, the warp's grid + frame weight + bilinear sampling in one pass
  * (warp_sample), the stroke-thickness max filter on the chosen samples only (thickness), the 3-tap blur
  * (blur3) and the colour jitter + random greyscale in two passes per image (color_jitter).
  *
