@@ -1517,7 +1517,7 @@ int conv3x3_wgrad_f32(const float* x, const float* dy, int N, int H, int W, int 
  *
  * oneDNN's direct f32 conv runs at this CPU's peak, so only less arithmetic makes it faster. Winograd's F(m x m, 3x3)
  * computes an m x m output tile as y_tile = A^T [ U (.) (B^T d B) ] A, d the tile's (m + 2)^2 input patch, U = G w G^T
- * the transformed weight (fastclr/kernels.py). Summed over Ci, (.) is one GEMM per transformed position p: (m + 2)^2
+ * the transformed weight (winograd_weight_f32). Summed over Ci, (.) is one GEMM per transformed position p: (m + 2)^2
  * multiply-adds per tile and channel pair where the direct conv needs 9 m^2, and the transforms are a few additions
  * per value.
  *  - The conv (forward, and the input gradient: the same conv of dy with the filters flipped and transposed) uses
@@ -1593,17 +1593,17 @@ ALWAYS_INLINE void rank1_6x16(vf a[6][WN], const float* b16, const float* e, lon
     }
 }
 
-/* M (P, TB, 16) <- V_p U_p for tiles t0 .. t0 + KT of a block of TB, one 16-channel block u of U: a KT x 16 register
- * tile swept over the input channels */
-ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int P, int TB, int t0, float* M, const int KT) {
-    for (int p = 0; p < P; p++) {
+/* M (36, F4_TILES, 16) <- V_p U_p for tiles t0 .. t0 + KT of the block, one 16-channel block u of U: a KT x 16
+ * register tile swept over the input channels */
+ALWAYS_INLINE void wino_gemm(const float* V, const float* u, int Ci, int t0, float* M, const int KT) {
+    for (int p = 0; p < 36; p++) {
         vf a[6][WN], z = {0};
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) a[k][c] = z;
-        const float* v = V + ((long)p * TB + t0) * Ci;
+        const float* v = V + ((long)p * F4_TILES + t0) * Ci;
         const float* up = u + (long)p * Ci * 16;
         for (int ci = 0; ci < Ci; ci++) rank1_6x16(a, up + ci * 16, v + ci, Ci, KT);
-        float* m = M + ((long)p * TB + t0) * 16;
+        float* m = M + ((long)p * F4_TILES + t0) * 16;
         for (int k = 0; k < KT; k++)
             for (int c = 0; c < WN; c++) nst_f32(m + k * 16 + VL * c, a[k][c]);
     }
@@ -1674,13 +1674,13 @@ int conv3x3_winograd_f32(const float* x, const float* U, int N, int H, int W, in
             for (int o0 = 0; o0 < Co; o0 += 16) {
                 const float* u = U + (long)o0 * 36 * Ci;
                 int t0 = 0;
-                for (; t0 + 6 <= nt; t0 += 6) wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 6);
+                for (; t0 + 6 <= nt; t0 += 6) wino_gemm(V, u, Ci, t0, M, 6);
                 switch (nt - t0) {                           /* the last block's remainder */
-                    case 5: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 5); break;
-                    case 4: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 4); break;
-                    case 3: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 3); break;
-                    case 2: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 2); break;
-                    case 1: wino_gemm(V, u, Ci, 36, F4_TILES, t0, M, 1); break;
+                    case 5: wino_gemm(V, u, Ci, t0, M, 5); break;
+                    case 4: wino_gemm(V, u, Ci, t0, M, 4); break;
+                    case 3: wino_gemm(V, u, Ci, t0, M, 3); break;
+                    case 2: wino_gemm(V, u, Ci, t0, M, 2); break;
+                    case 1: wino_gemm(V, u, Ci, t0, M, 1); break;
                 }
                 f4_output(M, H, W, Co, o0, g0, nt, TH, TW, y);
             }
@@ -1691,7 +1691,7 @@ int conv3x3_winograd_f32(const float* x, const float* U, int N, int H, int W, in
 
 /* The weight gradient by F(2x2, 3x3): the forward is linear in U, so dU_p (Ci, Co) = the sum over tiles of
  * V_p^T dM_p, where dM = A dy A^T carries a tile's 2x2 output gradient back to its 16 positions (zero where the tile
- * runs past the image), and dW = G^T dU G (fastclr/kernels.py): 16 GEMMs of K = the tiles. */
+ * runs past the image), and dW = G^T dU G (f2_wgrad_finish): 16 GEMMs of K = the tiles. */
 
 /* V (16, F2_TILES, Ci) <- B^T d B for tiles g0 .. g0 + nt of the 2x2 tiling */
 static void f2_input(const float* x, int H, int W, int Ci, long g0, int nt, int TH, int TW, float* V) {
